@@ -1,0 +1,1 @@
+"""Model merging toolkit: finetune task models, merge them without training, evaluate."""

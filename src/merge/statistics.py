@@ -1,0 +1,147 @@
+"""Global (model-wide) statistics computed by streaming over every tensor.
+
+The engine drives a reduction like this::
+
+    while reduction.start_pass():
+        for name in names:
+            reduction.observe(name, prepared_state_of(name))
+    stat = reduction.result()
+
+so a reduction that needs several passes (exact selection) asks for them, and memory
+stays bounded by what the reduction keeps between passes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+# Values a reduction reads from one prepared state: one tensor per task.
+ValuesFn = Callable[[Any], Sequence[torch.Tensor]]
+
+
+class GlobalReduction:
+    """Protocol of a streaming statistic (see the module docstring)."""
+
+    def start_pass(self) -> bool:
+        raise NotImplementedError
+
+    def observe(self, name: str, state: Any) -> None:
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+_BUCKET_SHIFT = 12  # float32 bit pattern >> 12: 2**19 buckets, ~1/2048 of an octave each
+
+
+def _buckets(values: torch.Tensor) -> torch.Tensor:
+    """Monotone bucket index of |values| (float32 bit pattern, high bits)."""
+    mags = values.detach().abs().to(torch.float32).reshape(-1)
+    return (mags.view(torch.int32) >> _BUCKET_SHIFT).to(torch.int64)
+
+
+class TopKThreshold(GlobalReduction):
+    """Per task, the exact ``k``-th largest magnitude over all tensors, ``k = int(density * N)``.
+
+    Keeping ``|x| >= threshold`` then keeps exactly the top ``k`` entries of each task over
+    the whole model (ties at the threshold aside), like a ``topk`` over the flattened model,
+    without ever holding the flattened model: pass 1 histograms a monotone bucket of every
+    magnitude, pass 2 gathers only the entries of the bucket that holds the ``k``-th value
+    and selects exactly among them (in the values' own precision).
+
+    The result is a list of per-task thresholds (``inf`` when ``k == 0``: keep nothing;
+    ``0`` when ``k == N``: keep everything).
+    """
+
+    def __init__(self, values: ValuesFn, density: float, num_tasks: int):
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {density}")
+        self.values, self.density, self.num_tasks = values, density, num_tasks
+        self._pass = 0
+        self._hist = [torch.zeros(2 ** (31 - _BUCKET_SHIFT), dtype=torch.int64) for _ in range(num_tasks)]
+        self._count = [0] * num_tasks
+        self._target: list[tuple[int, int]] = []  # per task: (bucket, rank within bucket from the top)
+        self._cands: list[list[torch.Tensor]] = [[] for _ in range(num_tasks)]
+        self._thresholds: list[float] = []
+
+    def start_pass(self) -> bool:
+        self._pass += 1
+        if self._pass == 1:
+            return True
+        if self._pass == 2:
+            self._target = []
+            for t in range(self.num_tasks):
+                k = int(self.density * self._count[t])
+                if k == 0 or k == self._count[t]:
+                    self._target.append((-1, k))
+                    continue
+                # buckets from the largest down; find where the cumulative count reaches k
+                above = torch.flip(self._hist[t], [0]).cumsum(0)
+                idx = int(torch.searchsorted(above, torch.tensor(k)))
+                bucket = self._hist[t].numel() - 1 - idx
+                before = int(above[idx - 1]) if idx > 0 else 0
+                self._target.append((bucket, k - before))
+            self._hist = []
+            return any(b >= 0 for b, _ in self._target)
+        return False
+
+    def observe(self, name: str, state: Any) -> None:
+        vals = self.values(state)
+        if len(vals) != self.num_tasks:
+            raise ValueError(f"{name}: expected {self.num_tasks} task tensors, got {len(vals)}")
+        for t, v in enumerate(vals):
+            b = _buckets(v)
+            if self._pass == 1:
+                self._hist[t] += torch.bincount(b, minlength=self._hist[t].numel())
+                self._count[t] += b.numel()
+            else:
+                bucket, _ = self._target[t]
+                if bucket >= 0:
+                    sel = v.detach().reshape(-1).abs()[b == bucket]
+                    if sel.numel():
+                        self._cands[t].append(sel.to(torch.float64))
+
+    def result(self) -> list[float]:
+        if not self._thresholds:
+            for t in range(self.num_tasks):
+                bucket, r = self._target[t]
+                if bucket < 0:
+                    self._thresholds.append(float("inf") if r == 0 else 0.0)
+                    continue
+                cands = torch.cat(self._cands[t])
+                self._thresholds.append(float(torch.topk(cands, r).values[-1]))
+            self._cands = []
+        return self._thresholds
+
+
+class SignSum(GlobalReduction):
+    """Sign of the sum of a per-tensor quantity over the whole model (one pass).
+
+    Used for TIES' model-wide majority sign: ``values(state)`` returns the elected signs
+    of one tensor; the result is ``sign(sum)`` as a float (+1, -1, or 0).
+    """
+
+    def __init__(self, values: Callable[[Any], torch.Tensor]):
+        self.values = values
+        self._passes = 0
+        self._total = 0.0
+
+    def start_pass(self) -> bool:
+        self._passes += 1
+        return self._passes == 1
+
+    def observe(self, name: str, state: Any) -> None:
+        self._total += float(self.values(state).sum())
+
+    def result(self) -> float:
+        return float((self._total > 0) - (self._total < 0))
+
+
+def run_reduction(reduction: GlobalReduction, items: Callable[[], Any]) -> Any:
+    """Drive ``reduction`` over ``items()`` (an iterable of ``(name, state)``) until done."""
+    while reduction.start_pass():
+        for name, state in items():
+            reduction.observe(name, state)
+    return reduction.result()
