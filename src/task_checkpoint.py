@@ -1,0 +1,135 @@
+"""The task-checkpoint directory: what finetuning writes and merging/evaluation read.
+
+Layout of one task model::
+
+    <dir>/task.json           TaskInfo below (base model, task, labels, hparams, accuracies)
+    <dir>/adapter/            PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+                              when kind == "lora"
+    <dir>/model.safetensors   full finetuned weights when kind == "full"; keys are the BASE
+                              model's parameter names (only the trained parameters)
+    <dir>/head.safetensors    the task's classification head (never merged)
+
+Parameter names are always those of the base model's ``state_dict()`` (for PEFT adapters,
+the module path inside ``base_model.model.``), so merge needs no conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+FORMAT_VERSION = 1
+TASK_JSON = "task.json"
+ADAPTER_DIR = "adapter"
+FULL_WEIGHTS = "model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+KINDS = ("lora", "full")
+
+
+class TaskCheckpointError(ValueError):
+    """A task checkpoint directory is missing a file or holds an invalid one."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class TaskInfo:
+    task: str
+    base_model: str
+    family: str
+    kind: str  # "lora" | "full"
+    label_names: list[str]
+    hparams: dict[str, Any] = field(default_factory=dict)
+    # {"zeroshot": {"val_acc": .., "test_acc": ..}, "finetuned": {"val_acc": .., "test_acc": ..}}
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, path) -> "TaskInfo":
+        required = ("task", "base_model", "family", "kind", "label_names")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise TaskCheckpointError(path, f"missing field(s) {missing}")
+        if data["kind"] not in KINDS:
+            raise TaskCheckpointError(path, f"kind must be one of {KINDS}, got {data['kind']!r}")
+        if int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise TaskCheckpointError(path, f"format_version {data['format_version']} is newer than {FORMAT_VERSION}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def is_task_dir(path) -> bool:
+    return (Path(path) / TASK_JSON).is_file()
+
+
+def read_task_info(directory) -> TaskInfo:
+    path = Path(directory) / TASK_JSON
+    if not path.is_file():
+        raise TaskCheckpointError(directory, f"not a task checkpoint: {TASK_JSON} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TaskCheckpointError(path, f"unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise TaskCheckpointError(path, "must hold a JSON object")
+    info = TaskInfo.from_dict(data, path)
+    weights = Path(directory) / (ADAPTER_DIR if info.kind == "lora" else FULL_WEIGHTS)
+    if not weights.exists():
+        raise TaskCheckpointError(directory, f"kind is {info.kind!r} but {weights.name} is missing")
+    return info
+
+
+def adapter_dir(directory) -> Path:
+    return Path(directory) / ADAPTER_DIR
+
+
+def full_weights_path(directory) -> Path:
+    return Path(directory) / FULL_WEIGHTS
+
+
+def head_path(directory) -> Path:
+    return Path(directory) / HEAD_WEIGHTS
+
+
+class atomic_directory:
+    """Write a directory under a temporary name; rename it into place only on success.
+
+    >>> with atomic_directory("ckpt/cars") as tmp:
+    ...     (tmp / "task.json").write_text("{}")
+    On an exception nothing is left behind; an existing directory is replaced only after
+    the new one is complete.
+    """
+
+    def __init__(self, target):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_task_info(directory, info: TaskInfo) -> None:
+    Path(directory, TASK_JSON).write_text(info.to_json() + "\n")
