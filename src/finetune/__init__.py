@@ -1,0 +1,1 @@
+"""Finetuning stage: LightningModules and DataModules that write task checkpoints."""
