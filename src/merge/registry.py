@@ -73,6 +73,9 @@ class MergeMethod:
     accepts_low_rank: ClassVar[bool] = False
     #: Params fields that ``prepare`` depends on (a sweep caches per distinct value).
     prepare_keys: ClassVar[tuple[str, ...]] = ()
+    #: Params fields that ``reductions`` depend on (``None``: all of them); a sweep
+    #: computes global statistics once per distinct value.
+    reduction_keys: ClassVar[Optional[tuple[str, ...]]] = None
     #: Number of task models the method requires (``None``: any number >= 1).
     num_tasks: ClassVar[Optional[int]] = None
     #: Compute in float64 (precision-sensitive SVDs) instead of float32.
