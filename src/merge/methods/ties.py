@@ -1,0 +1,122 @@
+"""TIES-Merging: trim, elect sign, disjoint mean (Yadav et al., 2023).
+
+Both published scopes exist as options because they change results: the original TIES /
+KnOTS / FusionBench code trims each task globally over the whole flattened model and fills
+zero signs with the model-wide majority sign; PEFT / mergekit / the per-block variant do
+both per tensor (so huge models can be merged one tensor at a time with no first pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
+from ..statistics import GlobalReduction, SignSum, TopKThreshold
+from ..updates import densify
+from ._kernels import disjoint_mean, elect_sign, topk_threshold, trim
+
+#: Names of the global statistics in the ``stats`` dict handed to ``merge``.
+THRESHOLDS = "ties_trim_thresholds"
+MAJORITY_SIGN = "ties_majority_sign"
+
+SCOPES = ("global", "tensor")
+
+
+def stacked_updates(group: TensorGroup) -> torch.Tensor:
+    """The dense task updates of one tensor, stacked: ``(n_tasks, *shape)``."""
+    return torch.stack([densify(u) for u in group.updates])
+
+
+class PerTaskTopK(GlobalReduction):
+    """:class:`TopKThreshold` whose task count is read from the first tensor seen.
+
+    ``reductions(params)`` is not told how many tasks there are, but ``TopKThreshold``
+    needs it up front; this defers building it to the first ``observe``.
+    """
+
+    def __init__(self, values: Callable[[Any], Sequence[torch.Tensor]], density: float):
+        self.values, self.density = values, density
+        self._inner: Optional[TopKThreshold] = None
+        self._passes = 0
+
+    def start_pass(self) -> bool:
+        self._passes += 1
+        if self._inner is None:
+            return self._passes == 1
+        return self._inner.start_pass()
+
+    def observe(self, name: str, state: Any) -> None:
+        if self._inner is None:
+            self._inner = TopKThreshold(self.values, self.density, len(self.values(state)))
+            self._inner.start_pass()
+        self._inner.observe(name, state)
+
+    def result(self) -> list[float]:
+        return [] if self._inner is None else self._inner.result()
+
+
+def check_scope(method: str, field: str, value: str) -> None:
+    if value not in SCOPES:
+        raise ValueError(f"{method}: {field} must be 'global' or 'tensor', got {value!r}")
+
+
+@register
+class Ties(MergeMethod):
+    """``dW_m = lam * disjoint_mean(elect_sign(trim(dW)))``, global or per-tensor scope."""
+
+    name = "ties"
+
+    @dataclass
+    class Params:
+        """Hyperparameters of TIES.
+
+        lam: scaling coefficient shared by all tasks. Default 1.0 (the TIES paper's
+            recommended value for full finetunes). KnOTS authors: 0.3 (ViT-B/32 and
+            ViT-L/14 LoRA).
+        density: fraction of each task's entries kept by magnitude (``k`` of top-k%).
+            Default 0.2 (TIES paper, k = 20%). KnOTS authors: 0.3 (ViT-B/32), 0.2 (ViT-L/14).
+        trim_scope: ``"global"`` (default; original TIES, KnOTS, FusionBench): each task's
+            top-k over the whole flattened model, via a streaming exact reduction.
+            ``"tensor"`` (PEFT, mergekit, per-block variant): top-k within each tensor.
+        sign_fill: sign given to entries whose elected sign is 0. ``"global"`` (default;
+            original TIES): majority sign of the whole model. ``"tensor"``: majority sign of
+            the tensor (per-block variant).
+        """
+
+        lam: float = 1.0
+        density: float = 0.2
+        trim_scope: str = "global"
+        sign_fill: str = "global"
+
+        def __post_init__(self):
+            if not 0.0 <= self.density <= 1.0:
+                raise ValueError(f"ties: density must be in [0, 1], got {self.density}")
+            check_scope("ties", "trim_scope", self.trim_scope)
+            check_scope("ties", "sign_fill", self.sign_fill)
+
+    def reductions(self, params: Params) -> list[ReductionSpec]:
+        specs: list[ReductionSpec] = []
+        if params.trim_scope == "global":
+            specs.append((THRESHOLDS, lambda stats: PerTaskTopK(lambda g: list(stacked_updates(g)), params.density)))
+        if params.sign_fill == "global":
+            # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
+            specs.append(
+                (MAJORITY_SIGN, lambda stats: SignSum(lambda g: torch.sign(self.trimmed(g, params, stats).sum(dim=0))))
+            )
+        return specs
+
+    def trimmed(self, group: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
+        """The stacked updates of ``group`` with each task's small entries zeroed."""
+        x = stacked_updates(group)
+        if params.trim_scope == "global":
+            thresholds = stats[THRESHOLDS]
+        else:
+            thresholds = [topk_threshold(xi, params.density) for xi in x]
+        return trim(x, thresholds)
+
+    def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
+        x = self.trimmed(state, params, stats)
+        fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
+        return params.lam * disjoint_mean(x, elect_sign(x, fill))
