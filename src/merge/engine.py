@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
 from ..task_checkpoint import atomic_directory
 from .errors import MergeInputError
+from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .registry import MergeMethod, TensorGroup, get_method
 from .sources import PeftAdapterReader, align_names, open_base, open_task
 from .statistics import run_reduction
@@ -39,16 +39,15 @@ class MergeResult:
 
 
 class _MemoryMeter:
+    """RSS at the start and the process high-water mark (exact, not sampled)."""
+
     def __init__(self, device: torch.device):
-        self.proc, self.device, self.peak = psutil.Process(), device, 0
+        self.device, self.start = device, rss_bytes()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    def sample(self) -> None:
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
     def report(self) -> dict:
-        out = {"peak_rss_bytes": self.peak}
+        out = {"rss_at_start_bytes": self.start, "peak_rss_bytes": peak_rss_bytes()}
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
@@ -76,6 +75,7 @@ class MergeEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no GPU is available")
         self.progress = progress
+        return_freed_memory_to_os()
         if not tasks:
             raise ValueError("a merge needs at least one task model")
         need = self.method.num_tasks
@@ -125,6 +125,11 @@ class MergeEngine:
         if self.base is not None:
             return self.base.dtype(name)
         return self.tasks[0].dtype(self._names[0][name])
+
+    def shape(self, name: str) -> torch.Size:
+        if self.base is not None:
+            return self.base.shape(name)
+        return self.tasks[0].shape(self._names[0][name])
 
     def is_mergeable(self, name: str) -> bool:
         return self.out_dtype(name).is_floating_point
@@ -227,7 +232,6 @@ class MergeEngine:
             cache_states = self.all_lora or all(getattr(t, "in_memory", False) for t in self.tasks)
         cache: Optional[dict] = {} if cache_states and self.method.reductions(params) else None
         stats = self.statistics(params, self.prepared_states(params, cache))
-        meter.sample()
 
         def produce(sink: Callable[[str, Any], None]) -> None:
             for name in self.bar(self.names, f"{self.method.name}: merge"):
@@ -243,8 +247,7 @@ class MergeEngine:
                         "cannot hold; use save_as='safetensors'"
                     )
                 sink(name, self.finalize(name, state, update, as_update=(mode == "adapter")))
-                meter.sample()
-
+        
         info = {
             "method": self.method.name,
             "params": asdict(params),
@@ -269,7 +272,8 @@ class MergeEngine:
                 writer = PeftAdapterWriter(tmp, template)
                 produce(lambda n, u: writer.add(n, u, self.out_dtype(n)))
             else:
-                writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, metadata={"format": "pt", "method": self.method.name})
+                layout = [(n, tuple(self.shape(n)), self.out_dtype(n)) for n in self.names]
+                writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes, {"format": "pt", "method": self.method.name})
                 produce(writer.add)
             writer.close()
             info.update(wall_time_s=time.perf_counter() - start, **meter.report())

@@ -12,7 +12,7 @@ stays bounded by what the reduction keeps between passes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -55,22 +55,33 @@ class TopKThreshold(GlobalReduction):
     ``0`` when ``k == N``: keep everything).
     """
 
-    def __init__(self, values: ValuesFn, density: float, num_tasks: int):
+    def __init__(self, values: ValuesFn, density: float, num_tasks: Optional[int] = None):
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density}")
-        self.values, self.density, self.num_tasks = values, density, num_tasks
+        self.values, self.density = values, density
+        self.num_tasks = num_tasks  # None: taken from the first state observed
         self._pass = 0
-        self._hist = [torch.zeros(2 ** (31 - _BUCKET_SHIFT), dtype=torch.int64) for _ in range(num_tasks)]
-        self._count = [0] * num_tasks
+        self._hist: list[torch.Tensor] = []  # per task, on the values' device
+        self._count: list[int] = []
         self._target: list[tuple[int, int]] = []  # per task: (bucket, rank within bucket from the top)
-        self._cands: list[list[torch.Tensor]] = [[] for _ in range(num_tasks)]
+        self._cands: list[list[torch.Tensor]] = []
         self._thresholds: list[float] = []
+
+    def _allocate(self, n: int, device: torch.device) -> None:
+        if self.num_tasks is not None and n != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} task tensors, got {n}")
+        self.num_tasks = n
+        self._hist = [torch.zeros(2 ** (31 - _BUCKET_SHIFT), dtype=torch.int64, device=device) for _ in range(n)]
+        self._count = [0] * n
+        self._cands = [[] for _ in range(n)]
 
     def start_pass(self) -> bool:
         self._pass += 1
         if self._pass == 1:
             return True
         if self._pass == 2:
+            if self.num_tasks is None:  # nothing observed
+                return False
             self._target = []
             for t in range(self.num_tasks):
                 k = int(self.density * self._count[t])
@@ -78,7 +89,7 @@ class TopKThreshold(GlobalReduction):
                     self._target.append((-1, k))
                     continue
                 # buckets from the largest down; find where the cumulative count reaches k
-                above = torch.flip(self._hist[t], [0]).cumsum(0)
+                above = torch.flip(self._hist[t].cpu(), [0]).cumsum(0)
                 idx = int(torch.searchsorted(above, torch.tensor(k)))
                 bucket = self._hist[t].numel() - 1 - idx
                 before = int(above[idx - 1]) if idx > 0 else 0
@@ -89,6 +100,8 @@ class TopKThreshold(GlobalReduction):
 
     def observe(self, name: str, state: Any) -> None:
         vals = self.values(state)
+        if not self._hist and self._pass == 1:
+            self._allocate(len(vals), vals[0].device)
         if len(vals) != self.num_tasks:
             raise ValueError(f"{name}: expected {self.num_tasks} task tensors, got {len(vals)}")
         for t, v in enumerate(vals):
@@ -104,7 +117,7 @@ class TopKThreshold(GlobalReduction):
                         self._cands[t].append(sel.to(torch.float64))
 
     def result(self) -> list[float]:
-        if not self._thresholds:
+        if not self._thresholds and self.num_tasks:
             for t in range(self.num_tasks):
                 bucket, r = self._target[t]
                 if bucket < 0:

@@ -6,7 +6,7 @@ Both write into a directory that only appears once complete (see
 from __future__ import annotations
 
 import json
-import os
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -17,58 +17,99 @@ from safetensors.torch import save_file
 from .sources import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, SAFETENSORS_INDEX
 from .updates import LowRank
 
-DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: bounds the writer's buffer (and so peak memory)
+DEFAULT_SHARD_BYTES = 5 << 30  # Hugging Face's default shard size; memory does not depend on it
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class ShardedSafetensorsWriter:
-    """Buffers tensors up to ``max_shard_bytes``, then writes a shard.
+    """Streams tensors into safetensors files as they are produced: memory is one tensor.
 
-    Peak memory of the writer is one shard; one file ``model.safetensors`` when everything
-    fits, else ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``
-    as Hugging Face writes them.
+    The safetensors format is an 8-byte header length, a JSON header with every tensor's
+    dtype, shape and byte offsets, then the raw bytes. ``save_file`` needs every tensor in
+    memory at once (and serializes a second copy); a merge knows every output name, shape
+    and dtype before it starts, so the header is written first and each tensor's bytes are
+    appended the moment it is merged. One ``model.safetensors`` when everything fits in
+    ``max_shard_bytes``, else ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json`` as Hugging Face writes them.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: Optional[dict] = None):
+    def __init__(self, directory: Path, layout: list[tuple[str, tuple, torch.dtype]],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: Optional[dict] = None):
         self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        shards: list[list[tuple[str, tuple, torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = _nbytes(shape, dtype)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        n = len(shards)
+        self.files = [self.directory / ("model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+                      for i in range(1, n + 1)]
+        self._plan = [(name, shape, dtype, i) for i, shard in enumerate(shards) for name, shape, dtype in shard]
+        self._shards = shards
+        self._next = 0
+        self._handle = None
+        self._open_shard = -1
+        self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype, _ in self._plan)
+
+    def _start_shard(self, i: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header, offset = {}, 0
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        for name, shape, dtype in self._shards[i]:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._handle = open(self.files[i], "wb")
+        self._handle.write(struct.pack("<Q", len(blob)))
+        self._handle.write(blob)
+        self._open_shard = i
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor
-        self._buffer_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        path = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(path), metadata=self.metadata or None)
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        if self._next >= len(self._plan):
+            raise ValueError(f"unexpected tensor '{name}': every planned tensor was already written")
+        want, shape, dtype, shard = self._plan[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"writer expected '{want}' {shape} {dtype}, got '{name}' {tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self._open_shard:
+            self._start_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._next += 1
 
     def close(self) -> list[Path]:
-        if self._buffer or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            final = self.directory / "model.safetensors"
-            os.replace(self._shards[0][0], final)
-            return [final]
-        weight_map, files = {}, []
-        for i, (tmp, names) in enumerate(self._shards, start=1):
-            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, final)
-            files.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-        return files
+        if self._next != len(self._plan):
+            missing = self._plan[self._next][0]
+            raise ValueError(f"writer closed before '{missing}' was written")
+        if self._handle is None:  # nothing planned: an empty, valid file
+            self._start_shard(0)
+        self._handle.close()
+        self._handle = None
+        if len(self.files) > 1:
+            weight_map = {name: self.files[shard].name for name, _, _, shard in self._plan}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        return list(self.files)
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 class PeftAdapterWriter:
