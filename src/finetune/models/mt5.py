@@ -1,0 +1,259 @@
+"""mT5 text-to-text task models (PROTOCOLS D, cross-lingual: mT5-xl-lm-adapt, full finetune).
+
+Every task is trained the same way, seq2seq cross-entropy on the target tokens
+(``batch["labels"]``, padded with -100). Evaluation differs by task kind:
+
+* classification (the datamodule's ``label_names`` are the answer strings, e.g. XNLI,
+  WiC, TyDiQA answerability): rank classification, the prediction is the answer whose
+  target tokens have the highest summed log-probability. The encoder runs once per
+  example and the decoder once for all choices together (choices batched).
+* generation (``label_names`` empty or None: QA, summarization): greedy decoding. Exact
+  match is logged as ``val/acc`` / ``test/acc``; the decoded strings are kept in
+  :attr:`MT5Seq2Seq.generations` for the metrics computed in ``src/evaluate`` (F1,
+  SP-ROUGE).
+
+Batches: ``input_ids``, ``attention_mask``, ``labels``; optionally ``class_index`` (the
+gold choice of a classification example; otherwise it is the choice whose tokens equal
+``labels``), ``choice_labels`` (per-example choices ``(B, C, L)``, -100 padded, overriding
+the label names) and ``targets`` (reference strings for generation; otherwise ``labels``
+decoded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..base import TaskModule
+from ..optim import OptimSpec
+from .llama_nli import config_model_id, resolve_dtype, seeded
+
+IGNORE = -100
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each tied tensor once, under its first name.
+
+    mT5 ties ``encoder.embed_tokens`` and ``decoder.embed_tokens`` (and ``lm_head`` when
+    ``tie_word_embeddings``) to ``shared``; ``shared.weight`` comes first in the state
+    dict, so it is the name kept — the name ``save_pretrained`` keeps too.
+    """
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach()
+    return out
+
+
+def pad_choices(token_ids: list[list[int]]) -> torch.Tensor:
+    """``(C, L)`` target ids, -100 padded (ignored by the loss and by choice scoring)."""
+    length = max(len(t) for t in token_ids)
+    return torch.tensor([t + [IGNORE] * (length - len(t)) for t in token_ids], dtype=torch.long)
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+class MT5Seq2Seq(TaskModule):
+    """Full finetune of ``MT5ForConditionalGeneration``; rank classification or greedy generation."""
+
+    family = "mt5"
+
+    def __init__(
+        self,
+        pretrained: str = "google/mt5-xl-lm-adapt",
+        tokenizer: Optional[str] = None,
+        optim: Optional[OptimSpec] = None,
+        torch_dtype: Optional[str] = "float32",
+        model_config: Optional[dict] = None,
+        init_seed: int = 0,
+        max_new_tokens: int = 64,
+        gradient_checkpointing: bool = False,
+        label_smoothing: float = 0.0,
+        finetune: Literal["full"] = "full",
+        lora: Optional[dict] = None,
+    ):
+        # finetune / lora are accepted so that the saved init args (which include the base
+        # class's) construct the module again; mT5 task models are full finetunes only.
+        if finetune != "full" or lora:
+            raise ValueError("MT5Seq2Seq is a full finetune (finetune='full', no lora)")
+        super().__init__(pretrained, finetune="full", optim=optim, label_smoothing=label_smoothing)
+        self.tokenizer_name = tokenizer or pretrained
+        self.torch_dtype = torch_dtype  # float32 master weights; use precision="bf16-mixed" for speed
+        self.model_config = model_config
+        self.init_seed = init_seed
+        self.max_new_tokens = max_new_tokens
+        self.gradient_checkpointing = gradient_checkpointing
+        self._tokenizer = None
+        self._choices: Optional[tuple[tuple[str, ...], torch.Tensor]] = None
+        self.generations: list[dict] = []
+
+    @property
+    def base_model_id(self) -> str:
+        return config_model_id(self.pretrained, self.model_config, self.init_seed)
+
+    # ----- building -----------------------------------------------------------------
+    def load_base(self) -> torch.nn.Module:
+        from transformers import MT5Config, MT5ForConditionalGeneration
+
+        dtype = resolve_dtype(self.torch_dtype)
+        if self.model_config is not None:
+            config = MT5Config(**self.model_config)
+            model = seeded(lambda: MT5ForConditionalGeneration(config), self.init_seed).to(dtype)
+        else:
+            model = MT5ForConditionalGeneration.from_pretrained(self.pretrained, dtype=dtype)
+        return model.requires_grad_(False)
+
+    def build_model(self, label_names: Optional[list[str]], templates: Optional[list[str]] = None) -> None:
+        self.label_names = list(label_names or [])
+        self.model = self.load_base().requires_grad_(True)
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use, so that a module rebuilt from a checkpoint needs no extra step."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def is_classification(self) -> bool:
+        return bool(self.label_names)
+
+    @property
+    def choice_labels(self) -> torch.Tensor:
+        """``(C, L)`` target ids of the label names (the answer choices), -100 padded."""
+        if self._choices is None or self._choices[0] != tuple(self.label_names):
+            ids = self.tokenizer(list(self.label_names))["input_ids"]
+            self._choices = (tuple(self.label_names), pad_choices(ids))
+        return self._choices[1]
+
+    # ----- training -----------------------------------------------------------------
+    def seq2seq_loss(self, batch: dict) -> torch.Tensor:
+        """Token-level cross-entropy over the target tokens (-100 ignored), as the HF loss."""
+        labels = batch["labels"]
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels),
+        ).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                               label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.seq2seq_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    # ----- rank classification ------------------------------------------------------
+    def choice_scores(self, input_ids, attention_mask, choice_labels: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` summed log-probabilities of each choice's target tokens.
+
+        ``choice_labels`` is ``(C, L)`` (shared choices) or ``(B, C, L)``, -100 padded. The
+        encoder runs on the ``B`` inputs once; its states are repeated for the ``B * C``
+        decoder rows, which run in one batch.
+        """
+        batch_size = input_ids.shape[0]
+        if choice_labels.dim() == 2:
+            choice_labels = choice_labels.unsqueeze(0).expand(batch_size, -1, -1)
+        num_choices = choice_labels.shape[1]
+        labels = choice_labels.reshape(batch_size * num_choices, -1)
+        encoded = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = encoded.last_hidden_state.repeat_interleave(num_choices, dim=0)
+        out = self.model(
+            encoder_outputs=(hidden,),
+            attention_mask=attention_mask.repeat_interleave(num_choices, dim=0),
+            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels),
+        )
+        log_probs = out.logits.float().log_softmax(dim=-1)
+        token_lp = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (token_lp * (labels != IGNORE)).sum(dim=-1).view(batch_size, num_choices)
+
+    def gold_choice(self, batch: dict, choices: torch.Tensor) -> torch.Tensor:
+        """``batch["class_index"]``, or the choice whose target ids equal ``batch["labels"]``."""
+        if "class_index" in batch:
+            return batch["class_index"]
+        labels = batch["labels"]
+        if choices.dim() == 2:
+            choices = choices.unsqueeze(0).expand(labels.shape[0], -1, -1)
+        length = max(labels.shape[-1], choices.shape[-1])
+        labels = F.pad(labels, (0, length - labels.shape[-1]), value=IGNORE)
+        choices = F.pad(choices, (0, length - choices.shape[-1]), value=IGNORE)
+        match = (choices == labels.unsqueeze(1)).all(dim=-1)
+        if not match.any(dim=-1).all():
+            raise ValueError("a target is none of the label names; pass batch['class_index']")
+        return match.int().argmax(dim=-1)
+
+    # ----- generation ---------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict) -> list[str]:
+        """Greedy decoding (one beam, no sampling) of the batch's inputs."""
+        out = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def references(self, batch: dict) -> list[str]:
+        if "targets" in batch:
+            return list(batch["targets"])
+        labels = batch["labels"].masked_fill(batch["labels"] == IGNORE, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(labels, skip_special_tokens=True)
+
+    # ----- evaluation ---------------------------------------------------------------
+    def evaluate_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(batch["input_ids"])
+        if self.is_classification:
+            choices = batch["choice_labels"] if "choice_labels" in batch else self.choice_labels
+            choices = choices.to(batch["input_ids"].device)
+            preds = self.choice_scores(batch["input_ids"], batch["attention_mask"], choices).argmax(dim=-1)
+            return (preds == self.gold_choice(batch, choices)).sum(), torch.tensor(n, device=preds.device)
+        predictions, references = self.generate(batch), self.references(batch)
+        self.generations.extend({"prediction": p, "reference": r} for p, r in zip(predictions, references))
+        correct = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+        device = batch["input_ids"].device
+        return torch.tensor(correct, device=device), torch.tensor(n, device=device)
+
+    def on_validation_epoch_start(self) -> None:
+        self.generations = []
+
+    def on_test_epoch_start(self) -> None:
+        self.generations = []
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Classification tasks: the rank-classification scores ``(B, C)``."""
+        if not self.is_classification:
+            raise ValueError("generation tasks have no logits; use generate()")
+        choices = batch["choice_labels"] if "choice_labels" in batch else self.choice_labels
+        return self.choice_scores(batch["input_ids"], batch["attention_mask"], choices.to(batch["input_ids"].device))
+
+    # ----- export -------------------------------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return untied_state_dict(self.model)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"mT5 task models have no head, got keys {sorted(state)[:5]}")
+
+    def save_adapter(self, directory: Path) -> None:
+        raise RuntimeError("mT5 task models are full finetunes: export trained_state_dict()")
+
+    def task_hparams(self) -> dict:
+        hp = super().task_hparams()
+        hp.update(torch_dtype=self.torch_dtype, max_new_tokens=self.max_new_tokens)
+        return hp
