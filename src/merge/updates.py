@@ -49,3 +49,20 @@ def densify(update: Update) -> torch.Tensor:
 
 def is_low_rank(update: Update) -> bool:
     return isinstance(update, LowRank)
+
+
+def weighted_sum(updates: list[Update], coefs: list[float]) -> Update:
+    """``sum_i coefs[i] * updates[i]``, kept factored when every update is low rank.
+
+    For LoRA inputs the sum is ``[c_1 s_1 B_1 ... c_n s_n B_n] @ [A_1; ...; A_n]`` (rank
+    ``<= sum r_i``): no ``O x I`` matrix is formed, and the result can be saved as an adapter.
+    """
+    if updates and all(isinstance(u, LowRank) for u in updates):
+        B = torch.cat([u.B * (c * u.scale) for u, c in zip(updates, coefs)], dim=1)
+        A = torch.cat([u.A for u in updates], dim=0)
+        return LowRank(B, A, 1.0)
+    total = None
+    for u, c in zip(updates, coefs):
+        term = densify(u) * c
+        total = term if total is None else total + term
+    return total

@@ -62,7 +62,8 @@ def test_all_registered_with_documented_params():
         assert m.Params.__doc__
         if name not in ("average", "mlerp"):  # the two without hyperparameters
             assert "Default" in m.Params.__doc__
-        assert m.accepts_low_rank is False
+        # TA and average keep LoRA factors (their merge is a concatenation); the others densify
+        assert m.accepts_low_rank is (name in ("average", "task_arithmetic"))
 
 
 @pytest.mark.parametrize("name", ALL)

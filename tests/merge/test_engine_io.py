@@ -267,3 +267,21 @@ def test_streaming_merge_peak_memory_below_one_checkpoint(tmp_path):
     extra = info["peak_rss_bytes"] - info["rss_at_start_bytes"]
     assert extra < ckpt_bytes, f"merge used {extra / 2**20:.0f} MiB extra; one checkpoint is {ckpt_bytes / 2**20:.0f} MiB"
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lam": 0.4}), ("average", {}),
+                                           ("task_arithmetic", {"lam": 0.8, "reduce": "mean"})])
+def test_lora_task_arithmetic_stays_factored_and_exports_an_adapter(tmp_path, method, params):
+    """TA / average of LoRA inputs is a concatenation of factors: saved as a PEFT adapter."""
+    from peft import PeftModel
+
+    base = base_model()
+    adapters = [save_lora_adapter(base, tmp_path / f"a{i}", seed=40 + i, r=2 + i) for i in range(3)]
+    res = merge(method, adapters, output=tmp_path / "m", params=params, progress=False)
+    assert res.info["save_as"] == "adapter"
+    updates = [{k: open_task(a).load(k).dense() for k in open_task(a).keys()} for a in adapters]
+    coef = params.get("lam", 1.0) / (3 if method == "average" or params.get("reduce") == "mean" else 1)
+    loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "m")).merge_and_unload().state_dict()
+    for k in updates[0]:
+        want = base.state_dict()[k] + coef * sum(u[k] for u in updates)
+        torch.testing.assert_close(loaded[k], want, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import MergeMethod, TensorGroup, register
-from ..updates import densify
+from ..updates import Update, weighted_sum
 
 
 @register
@@ -19,10 +19,12 @@ class Average(MergeMethod):
 
     name = "average"
     needs_base = False
+    accepts_low_rank = True  # LoRA inputs stay factored (the average of updates is a concatenation)
 
     @dataclass
     class Params:
         """Average has no hyperparameters (every paper uses the uniform mean)."""
 
-    def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
-        return torch.stack([densify(u) for u in state.updates]).mean(dim=0)
+    def merge(self, state: TensorGroup, params: Params, stats: dict) -> Update:
+        n = state.num_tasks
+        return weighted_sum(state.updates, [1.0 / n] * n)

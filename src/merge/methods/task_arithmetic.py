@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import MergeMethod, TensorGroup, register
-from ..updates import densify
+from ..updates import Update, weighted_sum
 
 
 @register
@@ -14,6 +14,7 @@ class TaskArithmetic(MergeMethod):
     """Scaled sum (or mean) of the task vectors, one coefficient shared by all tasks."""
 
     name = "task_arithmetic"
+    accepts_low_rank = True  # LoRA inputs stay factored: the merge is a concatenation
 
     @dataclass
     class Params:
@@ -33,7 +34,7 @@ class TaskArithmetic(MergeMethod):
             if self.reduce not in ("sum", "mean"):
                 raise ValueError(f"task_arithmetic: reduce must be 'sum' or 'mean', got {self.reduce!r}")
 
-    def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
-        x = torch.stack([densify(u) for u in state.updates])
-        red = x.sum(dim=0) if params.reduce == "sum" else x.mean(dim=0)
-        return params.lam * red
+    def merge(self, state: TensorGroup, params: Params, stats: dict) -> Update:
+        n = state.num_tasks
+        coef = params.lam if params.reduce == "sum" else params.lam / n
+        return weighted_sum(state.updates, [coef] * n)
