@@ -1,0 +1,32 @@
+"""The streaming global statistics are exact, whatever the scale and precision of the values."""
+import pytest
+import torch
+
+from src.merge.statistics import SignSum, TopKThreshold, run_reduction
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.2, 0.5, 0.999, 1.0])
+def test_global_topk_keeps_exactly_k_per_task(dtype, density):
+    g = torch.Generator().manual_seed(0)
+    # tensors of very different scales, like layers of a model; three tasks each
+    tensors = [[torch.randn(30, 40, generator=g, dtype=dtype) * 10.0 ** (i - 3) for _ in range(3)] for i in range(7)]
+    thresholds = run_reduction(TopKThreshold(lambda s: s, density), lambda: [(str(i), t) for i, t in enumerate(tensors)])
+    assert len(thresholds) == 3
+    for task in range(3):
+        flat = torch.cat([t[task].reshape(-1) for t in tensors]).abs()
+        k = int(density * flat.numel())
+        assert int((flat >= thresholds[task]).sum()) == k
+        if 0 < k < flat.numel():  # the threshold IS the k-th largest magnitude
+            assert thresholds[task] == pytest.approx(float(torch.topk(flat, k).values[-1]), rel=0, abs=0)
+
+
+def test_topk_needs_no_pass_over_nothing_and_rejects_bad_density():
+    assert run_reduction(TopKThreshold(lambda s: s, 0.3), lambda: []) == []
+    with pytest.raises(ValueError, match="density"):
+        TopKThreshold(lambda s: s, 1.5)
+
+
+def test_sign_sum():
+    states = [torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, 0.0])]
+    assert run_reduction(SignSum(lambda s: s), lambda: [("a", states[0]), ("b", states[1])]) == -1.0
