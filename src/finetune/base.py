@@ -4,17 +4,23 @@ A family module (CLIP, Llama NLI, mT5, demo text encoder) subclasses :class:`Tas
 and implements ``build_model(label_names, templates)`` (called once in ``setup`` with the
 datamodule's labels) and ``logits(batch)``; classification loss, accuracy, optimizer and
 export come from here. Seq2seq modules override ``training_step``/``evaluate_batch``.
+
+Loading a saved task model (``src.finetune.load.load_task_model``) additionally uses
+``load_base()`` (the pretrained base network, unwrapped) and ``load_head_state_dict``;
+families that implement them can be reloaded from their task checkpoint directory.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torchmetrics import MeanMetric
 
 from .optim import OptimSpec, build_optimizer
 
@@ -33,15 +39,58 @@ class LoraSpec:
     def peft_config(self, **extra):
         from peft import LoraConfig
 
-        return LoraConfig(
+        kwargs = dict(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
             use_rslora=self.use_rslora,
             bias=self.bias,
-            **extra,
         )
+        kwargs.update(extra)
+        return LoraConfig(**kwargs)
+
+
+def coerce_spec(cls, value):
+    """``None`` -> default ``cls()``, a dict (from YAML / a checkpoint's hparams) -> ``cls(**dict)``."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        value = dict(value)
+        if "betas" in value and value["betas"] is not None:
+            value["betas"] = tuple(value["betas"])
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__}, dict or None, got {type(value).__name__}")
+
+
+def jsonable(value):
+    """Plain JSON/YAML-safe copy of hyperparameters (dataclasses -> dicts, tuples -> lists)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return repr(value)
+
+
+def _weights_only_safe(value):
+    """Checkpoint-safe form of an hparam: dataclasses become dicts (``torch.load(weights_only=True)``)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
 
 
 class TaskModule(L.LightningModule):
@@ -52,9 +101,14 @@ class TaskModule(L.LightningModule):
       * ``build_model(label_names, templates)``: create ``self.model`` (the network whose
         ``state_dict`` names are the base model's names, PEFT-wrapped for LoRA) and the head;
       * ``logits(batch) -> (B, C)``;
-      * ``trained_state_dict()``: full-finetune weights under base-model names;
-      * ``save_adapter(directory)``: the PEFT adapter (LoRA);
-      * ``head_state_dict()``: the task head (never merged).
+      * ``trained_state_dict()``: full-finetune weights under base-model names (default:
+        the trainable parameters of ``self.model``);
+      * ``save_adapter(directory)``: the PEFT adapter (default: ``self.model.save_pretrained``);
+      * ``head_state_dict()``: the task head (never merged);
+    and, to be reloadable with ``src.finetune.load.load_task_model``:
+      * ``load_base()``: the pretrained base network, not wrapped, all weights frozen;
+      * ``load_head_state_dict(state)``: inverse of ``head_state_dict``;
+      * ``base_model_id``: the id written to / checked against ``task.json``.
     """
 
     family: ClassVar[str] = ""
@@ -68,13 +122,28 @@ class TaskModule(L.LightningModule):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         self.pretrained = pretrained
         self.finetune = finetune
-        self.lora = lora or LoraSpec()
-        self.optim = optim or OptimSpec()
-        self.label_smoothing = label_smoothing
+        self.lora = coerce_spec(LoraSpec, lora)
+        self.optim = coerce_spec(OptimSpec, optim)
+        self.label_smoothing = float(label_smoothing)
         self.label_names: Optional[list[str]] = None
+        self.templates: Optional[list[str]] = None
+        self.model = None
+        # sample-weighted accuracy over a whole split (sum correct / sum examples), DDP-synced
+        self.val_acc = MeanMetric()
+        self.test_acc = MeanMetric()
+        # Collects the init args of the whole subclass chain. Dataclasses are stored as dicts so
+        # that Lightning checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
+        for store in (self._hparams, getattr(self, "_hparams_initial", {})):
+            for k in list(store):
+                store[k] = _weights_only_safe(store[k])
+        # Lightning checkpoints keep only trainable parameters and the head (frozen weights come
+        # from `pretrained`), so resuming must not insist on every key.
+        self.strict_loading = False
 
     # ----- to implement -------------------------------------------------------------
     def build_model(self, label_names: list[str], templates: Optional[list[str]]) -> None:
@@ -83,14 +152,46 @@ class TaskModule(L.LightningModule):
     def logits(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def save_adapter(self, directory: Path) -> None:
-        raise NotImplementedError
-
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def load_base(self) -> torch.nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild its base model (load_base)")
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot load a head (load_head_state_dict)")
+
+    @property
+    def base_model_id(self) -> str:
+        return self.pretrained
+
+    # ----- defaults that fit PEFT-wrapped / plain `self.model` -------------------------
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The base network (inside the PEFT wrapper for LoRA)."""
+        model = self.model
+        if model is None:
+            raise RuntimeError(f"{type(self).__name__}: model not built yet (setup / build_model)")
+        if hasattr(model, "get_base_model"):
+            return model.get_base_model()
+        return model
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.finetune != "full":
+            raise RuntimeError("trained_state_dict is for full finetunes; LoRA exports an adapter")
+        model = self.unwrapped_model()
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_adapter(self, directory: Path) -> None:
+        if self.finetune != "lora" or not hasattr(self.model, "save_pretrained"):
+            raise RuntimeError("save_adapter needs a PEFT-wrapped model (finetune='lora')")
+        self.model.save_pretrained(str(directory))
+
+    def wrap_lora(self, base: torch.nn.Module, target_modules) -> torch.nn.Module:
+        """PEFT LoRA around ``base`` (all base weights frozen, only LoRA factors trainable)."""
+        from peft import get_peft_model
+
+        base.requires_grad_(False)
+        return get_peft_model(base, self.lora.peft_config(target_modules=target_modules))
 
     # ----- shared machinery ---------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -99,10 +200,11 @@ class TaskModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "label_names"):
             raise RuntimeError(f"{type(self).__name__} needs a datamodule exposing `label_names`")
-        if hasattr(dm, "prepare_data") and hasattr(dm, "setup"):
-            dm.setup(stage)
+        # Lightning has already called dm.setup(stage) before this hook.
         self.label_names = list(dm.label_names)
-        self.build_model(self.label_names, getattr(dm, "templates", None))
+        templates = getattr(dm, "templates", None)
+        self.templates = list(templates) if templates else None
+        self.build_model(self.label_names, self.templates)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -116,13 +218,16 @@ class TaskModule(L.LightningModule):
     def evaluate_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(number correct, number of examples) of one batch."""
         preds = self.logits(batch).argmax(dim=-1)
-        return (preds == batch["labels"]).sum(), torch.tensor(len(preds))
+        return (preds == batch["labels"]).sum(), torch.tensor(len(preds), device=preds.device)
 
     def _eval_step(self, batch: dict, split: str) -> None:
         correct, total = self.evaluate_batch(batch)
-        # sample-weighted accuracy over the whole split (sum / sum, not mean of batch means)
-        self.log(f"{split}/acc", correct.float() / total, batch_size=int(total), on_epoch=True, prog_bar=True,
-                 reduce_fx="mean", sync_dist=True)
+        total = total.to(correct.device)
+        if int(total) == 0:
+            return
+        metric = self.val_acc if split == "val" else self.test_acc
+        metric.update(correct.float() / total.float(), weight=total.float())
+        self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(total))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -135,7 +240,24 @@ class TaskModule(L.LightningModule):
         steps = int(steps) if steps is not None and steps != float("inf") else None
         return build_optimizer(self.parameters(), self.optim, steps)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what training changes: trainable parameters and the head / buffers
+        outside ``self.model``. Frozen base weights are rebuilt from ``pretrained``."""
+        state = checkpoint.get("state_dict")
+        if not state:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in state.items() if k in trainable or not k.startswith("model.")
+        }
+        checkpoint["label_names"] = self.label_names
+        checkpoint["templates"] = self.templates
+
     # ----- export helpers -----------------------------------------------------------
+    def init_args(self) -> dict[str, Any]:
+        """JSON-safe init arguments (what ``load_task_model`` passes back to the class)."""
+        return jsonable({k: v for k, v in self.hparams.items() if not str(k).startswith("_")})
+
     def task_hparams(self) -> dict[str, Any]:
         return {
             "pretrained": self.pretrained,
@@ -143,7 +265,65 @@ class TaskModule(L.LightningModule):
             "lora": asdict(self.lora) if self.finetune == "lora" else None,
             "optim": asdict(self.optim),
             "label_smoothing": self.label_smoothing,
+            "templates": self.templates,
+            "module": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                       "init_args": self.init_args()},
         }
 
     def save_head(self, path: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}, str(path))
+
+
+# ----- helpers shared by the "frozen text-embedding head" families (CLIP, demo) ----------
+class EmbeddingHeadMixin:
+    """Head = one L2-normalized embedding per class; logits = exp(logit_scale) * f @ head^T.
+
+    ``head.safetensors`` holds ``weight`` (C, D) and ``logit_scale`` (the log of the scale,
+    as CLIP stores it), so an evaluator can compute logits from the file alone.
+    """
+
+    head: torch.Tensor
+
+    def set_head(self, weight: torch.Tensor, logit_scale: Union[float, torch.Tensor]) -> None:
+        weight = weight.detach().float()
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32).detach().reshape(())
+        if "head" in self._buffers:
+            self.head = weight
+            self.head_logit_scale = scale
+        else:
+            self.register_buffer("head", weight, persistent=True)
+            self.register_buffer("head_logit_scale", scale, persistent=True)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.head, "logit_scale": self.head_logit_scale}
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "weight" not in state:
+            raise KeyError("head state has no 'weight'")
+        weight = state["weight"]
+        if weight.ndim != 2:
+            raise ValueError(f"head weight must be 2-D (classes, dim), got shape {tuple(weight.shape)}")
+        if self.label_names is not None and weight.shape[0] != len(self.label_names):
+            raise ValueError(f"head has {weight.shape[0]} rows but there are {len(self.label_names)} labels")
+        scale = state.get("logit_scale", torch.tensor(0.0))
+        self.set_head(weight, scale)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(features.float(), dim=-1)
+        return self.head_logit_scale.exp() * features @ self.head.to(features.dtype).T
+
+
+def class_embeddings(encode, label_names: list[str], templates: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Per class: encode every template, L2-normalize, average, renormalize -> (C, D).
+
+    ``encode(list_of_strings) -> (N, D)`` is the frozen text tower (no normalization needed).
+    """
+    if not templates:
+        raise ValueError("at least one template is needed")
+    texts = [t.format(name) for name in label_names for t in templates]
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            chunks.append(F.normalize(encode(texts[i : i + batch_size]).float(), dim=-1))
+    emb = torch.cat(chunks).view(len(label_names), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)

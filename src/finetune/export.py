@@ -1,0 +1,255 @@
+"""Write the task-checkpoint directory at the end of ``fit`` (see ``src/task_checkpoint.py``).
+
+:class:`TaskCheckpointExport` is a Lightning callback. It
+
+1. evaluates the untrained model on the validation and test splits when fit starts (the
+   zero-shot accuracy that normalized accuracy and the reports need);
+2. keeps a CPU copy of the trainable parameters at the best ``monitor`` value (``select="best"``;
+   with ``"last"`` the final weights are exported);
+3. when fit ends, restores the selected weights, evaluates validation and test again, and writes
+   ``adapter/`` (LoRA) or ``model.safetensors`` (full, base-model parameter names),
+   ``head.safetensors`` and ``task.json`` atomically (``atomic_directory``) on global rank 0.
+
+Its state (zero-shot metrics, best score and weights) is saved in Lightning checkpoints, so a
+resumed fit (``--ckpt_path``) exports the same thing an uninterrupted one would.
+``python -m src.finetune fit`` adds it as the ``export`` config group (``--export.output_dir``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+
+from ..task_checkpoint import (ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, atomic_directory,
+                               write_task_info)
+from .base import TaskModule, jsonable
+
+log = logging.getLogger(__name__)
+
+
+def task_name(datamodule) -> str:
+    task = getattr(datamodule, "task", None)
+    if task is None:
+        raise RuntimeError(f"{type(datamodule).__name__} exposes no `task` name")
+    return str(task).replace(os.sep, "_")
+
+
+def resolve_output_dir(output_dir: Optional[str], task: str) -> Path:
+    """``output_dir`` with ``{task}`` filled in; default ``$CHECKPOINT_ROOT/{task}`` (``checkpoints``)."""
+    if output_dir is None:
+        output_dir = os.path.join(os.environ.get("CHECKPOINT_ROOT", "checkpoints"), "{task}")
+    return Path(str(output_dir).replace("{task}", task))
+
+
+@torch.no_grad()
+def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] = None) -> float:
+    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``)."""
+    was_training = module.training
+    module.eval()
+    context = contextlib.nullcontext()
+    if trainer is not None:
+        context = trainer.precision_plugin.forward_context()
+    correct = total = 0
+    try:
+        with context:
+            for batch in loader:
+                if trainer is not None:
+                    batch = trainer.strategy.batch_to_device(batch)
+                else:
+                    batch = module.transfer_batch_to_device(batch, module.device, 0)
+                c, n = module.evaluate_batch(batch)
+                correct += int(c)
+                total += int(n)
+    finally:
+        module.train(was_training)
+    return correct / total if total else float("nan")
+
+
+def evaluate_splits(module: TaskModule, datamodule, splits=("val", "test"), trainer=None) -> dict[str, float]:
+    out = {}
+    for split in splits:
+        getter = getattr(datamodule, f"{split}_dataloader", None)
+        if getter is None:
+            continue
+        try:
+            loader = getter()
+        except (NotImplementedError, KeyError, AttributeError):
+            continue
+        if loader is None:
+            continue
+        out[f"{split}_acc"] = evaluate_accuracy(module, loader, trainer)
+    return out
+
+
+def datamodule_hparams(datamodule) -> dict[str, Any]:
+    if datamodule is None:
+        return {}
+    args = {k: v for k, v in (getattr(datamodule, "hparams", {}) or {}).items() if not str(k).startswith("_")}
+    return {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "init_args": jsonable(args)}
+
+
+def trainer_hparams(trainer: Optional[L.Trainer]) -> dict[str, Any]:
+    if trainer is None:
+        return {}
+    return jsonable({
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "precision": str(trainer.precision),
+        "strategy": type(trainer.strategy).__name__,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "global_step": trainer.global_step,
+        "seed": os.environ.get("PL_GLOBAL_SEED"),
+    })
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def export_task_checkpoint(module: TaskModule, output_dir, task: str, metrics: Optional[dict] = None,
+                           extra_hparams: Optional[dict] = None) -> Path:
+    """Write ``module`` as a task-checkpoint directory (atomically) and return its path."""
+    if module.label_names is None:
+        raise RuntimeError("the module has no label_names: build it (setup) before exporting")
+    hparams = module.task_hparams()
+    hparams.update(extra_hparams or {})
+    info = TaskInfo(
+        task=task,
+        base_model=module.base_model_id,
+        family=module.family,
+        kind=module.finetune,
+        label_names=list(module.label_names),
+        hparams=jsonable(hparams),
+        metrics=jsonable(metrics or {}),
+    )
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as tmp:
+        if module.finetune == "lora":
+            module.save_adapter(tmp / ADAPTER_DIR)
+            if not (tmp / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+                raise RuntimeError(f"{type(module).__name__}.save_adapter wrote no adapter_model.safetensors")
+        else:
+            state = module.trained_state_dict()
+            if not state:
+                raise RuntimeError("no trained parameters to export (full finetune)")
+            save_file(_cpu_state(state), str(tmp / FULL_WEIGHTS), metadata={"format": "pt"})
+        module.save_head(tmp / HEAD_WEIGHTS)
+        write_task_info(tmp, info)
+    return output_dir
+
+
+class TaskCheckpointExport(Callback):
+    """Evaluate before training, keep the best weights, write the task checkpoint after fit.
+
+    Args:
+        output_dir: target directory; ``{task}`` is replaced by the datamodule's task name.
+            Default ``$CHECKPOINT_ROOT/{task}`` (``checkpoints/{task}``).
+        select: ``"best"`` (highest ``monitor`` seen at a validation) or ``"last"``.
+        monitor: logged metric to select on (higher is better).
+        zero_shot: evaluate the model before training (val and test).
+        test: evaluate the test split (zero-shot and finetuned).
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, select: Literal["best", "last"] = "best",
+                 monitor: str = "val/acc", zero_shot: bool = True, test: bool = True):
+        super().__init__()
+        if select not in ("best", "last"):
+            raise ValueError(f"select must be 'best' or 'last', got {select!r}")
+        self.output_dir = output_dir
+        self.select = select
+        self.monitor = monitor
+        self.zero_shot = zero_shot
+        self.test = test
+        self.zeroshot_metrics: Optional[dict[str, float]] = None
+        self.best_score: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_epoch: Optional[int] = None
+        self.last_score: Optional[float] = None
+        self._best_state: Optional[dict[str, torch.Tensor]] = None
+        self.exported_to: Optional[Path] = None
+        self.finetuned_metrics: Optional[dict[str, float]] = None
+
+    @property
+    def splits(self):
+        return ("val", "test") if self.test else ("val",)
+
+    # ----- hooks ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+        if self.zero_shot and self.zeroshot_metrics is None:
+            self.zeroshot_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer)
+            if trainer.is_global_zero:
+                log.info("zero-shot accuracy: %s", self.zeroshot_metrics)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        self.last_score = value
+        if self.select == "best" and (self.best_score is None or value > self.best_score):
+            self.best_score, self.best_step, self.best_epoch = value, trainer.global_step, trainer.current_epoch
+            self._best_state = {n: p.detach().to("cpu", copy=True)
+                                for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+        if self.select == "best" and self._best_state is not None:
+            with torch.no_grad():
+                for name, param in pl_module.named_parameters():
+                    if name in self._best_state:
+                        param.copy_(self._best_state[name].to(param.device, param.dtype))
+        self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer)
+        finetuned = dict(self.finetuned_metrics)
+        selected_step = self.best_step if self.select == "best" and self._best_state is not None else trainer.global_step
+        finetuned["step"] = selected_step
+        if self.best_epoch is not None and self.select == "best":
+            finetuned["epoch"] = self.best_epoch
+        metrics = {"finetuned": finetuned}
+        if self.zeroshot_metrics is not None:
+            metrics["zeroshot"] = dict(self.zeroshot_metrics)
+        if self.last_score is not None:
+            metrics["last"] = {"val_acc": self.last_score, "step": trainer.global_step}
+        task = task_name(trainer.datamodule)
+        target = resolve_output_dir(self.output_dir, task)
+        extra = {
+            "selection": {"select": self.select, "monitor": self.monitor},
+            "datamodule": datamodule_hparams(trainer.datamodule),
+            "trainer": trainer_hparams(trainer),
+        }
+        if trainer.is_global_zero:
+            export_task_checkpoint(pl_module, target, task, metrics, extra)
+            log.info("task checkpoint written to %s (%s)", target, metrics)
+        trainer.strategy.barrier("task_checkpoint_export")
+        self.exported_to = target
+
+    # ----- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "zeroshot_metrics": self.zeroshot_metrics,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "last_score": self.last_score,
+            "best_state": self._best_state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.zeroshot_metrics = state_dict.get("zeroshot_metrics")
+        self.best_score = state_dict.get("best_score")
+        self.best_step = state_dict.get("best_step")
+        self.best_epoch = state_dict.get("best_epoch")
+        self.last_score = state_dict.get("last_score")
+        self._best_state = state_dict.get("best_state")

@@ -1,0 +1,139 @@
+"""Tiny models built from configs (random weights, no hub) and toy data for the finetune tests."""
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CLIP = {
+    "projection_dim": 16,
+    "text_config": {
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 32,
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+    },
+    "vision_config": {
+        "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_channels": 3,
+    },
+}
+
+TINY_BERT = {  # uses the real MiniLM tokenizer (vocab 30522)
+    "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "max_position_embeddings": 128,
+}
+
+TOY_LABELS = ["cat", "dog", "car"]
+TOY_TEMPLATES = ["a photo of a {}.", "a blurry picture of a {}."]
+
+
+class ToyImages(torch.utils.data.Dataset):
+    """Class-dependent patterns plus noise: learnable in a few steps."""
+
+    def __init__(self, n: int, num_classes: int, image_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        patterns = torch.randn(num_classes, 3, image_size, image_size, generator=torch.Generator().manual_seed(123))
+        self.labels = torch.arange(n) % num_classes
+        self.images = patterns[self.labels] + 0.5 * torch.randn(n, 3, image_size, image_size, generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+class ToyImageDataModule(L.LightningDataModule):
+    def __init__(self, n_train: int = 48, n_eval: int = 24, batch_size: int = 8, image_size: int = 32, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = "toy"
+        self.label_names = list(TOY_LABELS)
+        self.templates = list(TOY_TEMPLATES)
+        self.sets = {
+            "train": ToyImages(n_train, len(TOY_LABELS), image_size, seed),
+            "val": ToyImages(n_eval, len(TOY_LABELS), image_size, seed + 1),
+            "test": ToyImages(n_eval, len(TOY_LABELS), image_size, seed + 2),
+        }
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def train_dataloader(self):
+        return DataLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        return DataLoader(self.sets["val"], batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.sets["test"], batch_size=self.batch_size)
+
+
+@pytest.fixture
+def tiny_clip_config():
+    import copy
+
+    return copy.deepcopy(TINY_CLIP)
+
+
+@pytest.fixture
+def toy_dm():
+    return ToyImageDataModule()
+
+
+def _make_clip(finetune: str = "lora", **kw):
+    from src.finetune.base import LoraSpec, OptimSpec
+    from src.finetune.models.clip import ClipClassifier
+
+    kw.setdefault("lora", LoraSpec(r=4, alpha=8, dropout=0.0))
+    kw.setdefault("optim", OptimSpec(lr=1e-2, weight_decay=0.0, scheduler="constant"))
+    return ClipClassifier(pretrained="tiny-clip", finetune=finetune, model_config=TINY_CLIP, **kw)
+
+
+def _quiet_trainer(**kw) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults.update(kw)
+    return L.Trainer(**defaults)
+
+
+@pytest.fixture
+def built_clip(toy_dm):
+    """A built (setup) LoRA ClipClassifier over the toy labels."""
+    def build(finetune: str = "lora", **kw):
+        module = _make_clip(finetune, **kw)
+        module.label_names = list(toy_dm.label_names)
+        module.build_model(module.label_names, toy_dm.templates)
+        return module
+
+    return build
+
+
+@pytest.fixture
+def make_clip():
+    """Factory: an unbuilt ClipClassifier over the tiny config."""
+    return _make_clip
+
+
+@pytest.fixture
+def quiet_trainer():
+    """Factory: a CPU Trainer without logger, checkpoints or progress bar."""
+    return _quiet_trainer
+
+
+@pytest.fixture
+def toy_dm_cls():
+    return ToyImageDataModule
+
+
+@pytest.fixture
+def tiny_bert_config():
+    import copy
+
+    return copy.deepcopy(TINY_BERT)
