@@ -71,8 +71,13 @@ def write_adapters(root: Path, tasks: int, modules, rank: int, seed: int = 0) ->
 
 
 def dense_updates(dirs: list[Path]) -> list[dict]:
+    """The adapters' updates as dense float64 tensors: the dense route's exact input.
+
+    (A float32 product ``B @ A`` differs from the factors' exact product by ~1e-7, and
+    TIES' discrete trim amplifies any such difference; float64 makes the comparison fair.)
+    """
     readers = [open_task(d) for d in dirs]
-    return [{k: r.load(k).dense() for k in r.keys()} for r in readers]
+    return [{k: r.load(k).to(dtype=torch.float64).dense() for k in r.keys()} for r in readers]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +105,7 @@ def bench_knots(root: Path, device: str, rows: list) -> None:
             row["speedup"] = round(row["dense_s"] / factored_s, 1)
         elif model == "ViT-L/14":  # dense route of ONE module, extrapolated to the model
             name = modules[0][0] + ".weight"
-            updates = [{name: open_task(d).load(name).dense()} for d in dirs]
+            updates = [{name: open_task(d).load(name).to(dtype=torch.float64).dense()} for d in dirs]
             t0 = time.perf_counter()
             merge("knots", updates, base={name: torch.zeros_like(updates[0][name])},
                   params={**KNOTS_TIES, "trim_scope": "tensor", "sign_fill": "tensor"}, device=device,

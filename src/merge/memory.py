@@ -2,8 +2,10 @@
 
 glibc raises its mmap threshold after large blocks are freed, so a loop that allocates
 and frees tensor-sized blocks ends up keeping them in the heap: resident memory grows to
-many times the live tensors. Pinning the threshold makes every block above 1 MiB its own
-mapping, returned to the system as soon as the tensor is freed.
+many times the live tensors. Pinning the threshold at 32 MiB (glibc's own ceiling) makes
+every tensor-sized block its own mapping, returned to the system as soon as it is freed,
+while the small chunk temporaries of the kernels keep reusing heap memory (a 1 MiB pin
+made every temporary a fresh mapping: measured 1.5x slower).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _done = False
 
 
-def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+def return_freed_memory_to_os(threshold: int = 32 << 20) -> bool:
     """Pin glibc's mmap/trim thresholds (once per process); False where not glibc."""
     global _done
     if _done:

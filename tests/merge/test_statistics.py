@@ -30,3 +30,26 @@ def test_topk_needs_no_pass_over_nothing_and_rejects_bad_density():
 def test_sign_sum():
     states = [torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, 0.0])]
     assert run_reduction(SignSum(lambda s: s), lambda: [("a", states[0]), ("b", states[1])]) == -1.0
+
+
+@pytest.mark.parametrize("fill", [None, 1.0, -1.0])
+@pytest.mark.parametrize("trimmed", [True, False])
+def test_fused_chunked_ties_equals_the_reference_steps(monkeypatch, fill, trimmed):
+    """ties_combine == disjoint_mean(elect_sign(trim(x), fill)), across chunk boundaries,
+    including exact cancellations (elected sign 0 with nonzero values) that need the fill."""
+    from src.merge.methods import _kernels as K
+
+    monkeypatch.setattr(K, "CHUNK_ENTRIES", 64)  # many chunks
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 17, 23, generator=g, dtype=torch.float64)
+    x[:, 2, 5] = torch.tensor([1.5, -1.5, 0.0, 0.0])  # cancels: sign 0, needs the fill
+    x[:, 9, 1] = torch.tensor([2.0, -1.0, -1.0, 0.0])
+    x[:, 0, 0] = 0.0
+    thresholds = [K.topk_threshold(xi, 0.6) for xi in x] if trimmed else None
+    ref_x = K.trim(x, thresholds) if trimmed else x
+    want = K.disjoint_mean(ref_x, K.elect_sign(ref_x, fill))
+    got = K.ties_combine(x, thresholds, fill)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert float(K.elected_sign_sum(x, thresholds)) == float(torch.sign(ref_x.sum(0)).sum())
+    if fill is not None and not trimmed:
+        assert got[2, 5] == pytest.approx(1.5 * fill)

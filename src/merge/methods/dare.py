@@ -14,7 +14,7 @@ import torch
 
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import SignSum
-from ._kernels import dare_drop, disjoint_mean, elect_sign
+from ._kernels import dare_drop, elected_sign_sum, ties_combine
 from .ties import check_scope, stacked_updates
 
 MAJORITY_SIGN = "dare_majority_sign"
@@ -74,7 +74,7 @@ class Dare(MergeMethod):
 
     def reductions(self, params: Params) -> list[ReductionSpec]:
         if params.mode == "ties" and params.sign_fill == "global":
-            return [(MAJORITY_SIGN, lambda stats: SignSum(lambda g: torch.sign(self.dropped(g, params).sum(dim=0))))]
+            return [(MAJORITY_SIGN, lambda stats: SignSum(lambda g: elected_sign_sum(self.dropped(g, params))))]
         return []
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
@@ -82,4 +82,4 @@ class Dare(MergeMethod):
         if params.mode == "linear":
             return params.lam * x.sum(dim=0)
         fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
-        return params.lam * disjoint_mean(x, elect_sign(x, fill))
+        return ties_combine(x, None, fill).mul_(params.lam)

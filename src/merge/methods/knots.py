@@ -18,7 +18,7 @@ from ..linalg import DEFAULT_TOL, dense_concat_svd, factored_concat_svd
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import SignSum, TopKThreshold
 from ..updates import LowRank, Update, densify
-from ._kernels import dare_drop, disjoint_mean, elect_sign, topk_threshold, trim
+from ._kernels import dare_drop, elected_sign_sum, ties_combine, topk_threshold
 from .dare import dare_generator
 from .ties import check_scope
 
@@ -137,31 +137,29 @@ class Knots(MergeMethod):
         if params.base_method != "ta" and params.sign_fill == "global":
             # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
             specs.append(
-                (MAJORITY_SIGN, lambda stats: SignSum(lambda s: torch.sign(self._sparsified(s, params, stats).sum(0))))
+                (MAJORITY_SIGN, lambda stats: SignSum(lambda s: elected_sign_sum(*self._sparsified(s, params, stats))))
             )
         return specs
 
     # ---------------------------------------------------------------- merge
 
-    def _sparsified(self, state: KnotsState, params: Params, stats: dict) -> torch.Tensor:
-        """TIES-trimmed or DARE-dropped task coefficients (the input of the sign election)."""
+    def _sparsified(self, state: KnotsState, params: Params, stats: dict):
+        """Task coefficients and trim thresholds for the sign election (DARE: dropped, no trim)."""
         X = state.X
         if params.base_method == "dare_ties":
-            return dare_drop(X, params.p, dare_generator(params.seed, state.name))
+            return dare_drop(X, params.p, dare_generator(params.seed, state.name)), None
         if params.trim_scope == "global":
-            thresholds = stats[THRESHOLDS]
-        else:
-            thresholds = [topk_threshold(x, params.density) for x in X]
-        return trim(X, thresholds)
+            return X, stats[THRESHOLDS]
+        return X, [topk_threshold(x, params.density) for x in X]
 
     def merge(self, state: KnotsState, params: Params, stats: dict) -> Update:
         if params.base_method == "ta":
             merged = state.X.sum(0) if params.ta_reduce == "sum" else state.X.mean(0)
             merged.mul_(params.lam)
         else:
-            x = self._sparsified(state, params, stats)
+            x, thresholds = self._sparsified(state, params, stats)
             fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
-            merged = disjoint_mean(x, elect_sign(x, fill)).mul_(params.lam)
+            merged = ties_combine(x, thresholds, fill).mul_(params.lam)
         if state.U is None:
             return merged
         if state.transposed:  # dW_m^T = U merged

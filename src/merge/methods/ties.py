@@ -15,7 +15,7 @@ import torch
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import GlobalReduction, SignSum, TopKThreshold
 from ..updates import densify
-from ._kernels import disjoint_mean, elect_sign, topk_threshold, trim
+from ._kernels import elected_sign_sum, ties_combine, topk_threshold
 
 #: Names of the global statistics in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "ties_trim_thresholds"
@@ -103,20 +103,18 @@ class Ties(MergeMethod):
         if params.sign_fill == "global":
             # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
             specs.append(
-                (MAJORITY_SIGN, lambda stats: SignSum(lambda g: torch.sign(self.trimmed(g, params, stats).sum(dim=0))))
+                (MAJORITY_SIGN, lambda stats: SignSum(lambda g: elected_sign_sum(*self.trim_inputs(g, params, stats))))
             )
         return specs
 
-    def trimmed(self, group: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
-        """The stacked updates of ``group`` with each task's small entries zeroed."""
+    def trim_inputs(self, group: TensorGroup, params: Params, stats: dict) -> tuple[torch.Tensor, list[float]]:
+        """The stacked updates of ``group`` and each task's trim threshold."""
         x = stacked_updates(group)
         if params.trim_scope == "global":
-            thresholds = stats[THRESHOLDS]
-        else:
-            thresholds = [topk_threshold(xi, params.density) for xi in x]
-        return trim(x, thresholds)
+            return x, stats[THRESHOLDS]
+        return x, [topk_threshold(xi, params.density) for xi in x]
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
-        x = self.trimmed(state, params, stats)
+        x, thresholds = self.trim_inputs(state, params, stats)
         fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
-        return params.lam * disjoint_mean(x, elect_sign(x, fill))
+        return ties_combine(x, thresholds, fill).mul_(params.lam)
