@@ -253,6 +253,24 @@ class TaskModule(L.LightningModule):
         checkpoint["label_names"] = self.label_names
         checkpoint["templates"] = self.templates
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``strict_loading`` is off (frozen weights are not saved), so check by hand: every saved
+        key must exist here, and every trainable parameter must have been saved."""
+        state = checkpoint.get("state_dict")
+        if state is None or self.model is None:
+            return
+        own = self.state_dict()
+        unexpected = [k for k in state if k not in own]
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        missing = [k for k in trainable if k not in state]
+        if unexpected or missing:
+            raise RuntimeError(
+                f"checkpoint does not fit {type(self).__name__}: {len(unexpected)} unexpected key(s) "
+                f"{unexpected[:3]}, {len(missing)} trainable parameter(s) missing {missing[:3]}")
+        saved = checkpoint.get("label_names")
+        if saved is not None and self.label_names is not None and list(saved) != list(self.label_names):
+            raise RuntimeError(f"checkpoint was trained on labels {saved}, the datamodule has {self.label_names}")
+
     # ----- export helpers -----------------------------------------------------------
     def init_args(self) -> dict[str, Any]:
         """JSON-safe init arguments (what ``load_task_model`` passes back to the class)."""

@@ -132,6 +132,10 @@ def test_lightning_checkpoint_is_small_and_resumes(make_clip, toy_dm, quiet_trai
     assert trainer2.global_step == 8
     a, b = read_task_info(tmp_path / "a"), read_task_info(tmp_path / "b")
     assert a.metrics["zeroshot"] == b.metrics["zeroshot"]  # restored, not re-measured after training
+    # a checkpoint of another model (full finetune: other trainable keys) is refused
+    other = make_clip("full")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        quiet_trainer(max_steps=8).fit(other, datamodule=toy_dm, ckpt_path=str(last), weights_only=True)
 
 
 def test_failed_export_leaves_nothing(built_clip, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from src.finetune.data.demo import (DEMO_TASKS, DemoDataModule, color_family, load_examples,
                                     split_examples)
@@ -147,3 +146,31 @@ def test_finetune_one_demo_task_with_real_minilm(tmp_path):
     for key in keys:
         assert key.startswith("base_model.model.encoder.layer.")
         assert key[len("base_model.model."):].rsplit(".lora_", 1)[0] + ".weight" in base_names
+
+
+def test_full_finetune_export_uses_bert_names_and_reloads(tmp_path, tiny_bert_config):
+    """Full finetunes of the demo family export BertModel's own parameter names."""
+    from safetensors.torch import load_file
+
+    from src.finetune.export import export_task_checkpoint
+    from src.finetune.load import load_task_model
+    from src.finetune.models.demo_text import DemoTextClassifier
+
+    module = DemoTextClassifier(pretrained="tiny-bert", finetune="full", model_config=tiny_bert_config,
+                                tokenizer="sentence-transformers/all-MiniLM-L6-v2")
+    module.label_names = ["red", "green", "blue", "gray"]
+    module.build_model(module.label_names, ["The color {}."])
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    out = export_task_checkpoint(module, tmp_path / "colors", "colors")
+    state = load_file(str(out / "model.safetensors"))
+    base_names = set(module.load_base().state_dict())
+    assert "encoder.layer.0.attention.self.query.weight" in state and "embeddings.word_embeddings.weight" in state
+    assert set(state) <= base_names
+    dm = DemoDataModule(task="color_names", train_size=16, val_size=8, test_size=8, batch_size=8)
+    batch = next(iter(dm.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_task_model(out).logits(batch), module.logits(batch), atol=1e-5, rtol=1e-5)
