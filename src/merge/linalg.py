@@ -69,10 +69,14 @@ def factored_concat_svd(
         raise ValueError("factored_concat_svd needs one (B, A, scale) per task, at least one task")
     Bcat = torch.cat([B * s for B, s in zip(Bs, scales)], dim=1)  # (O, sum r_i)
     QB, RB = torch.linalg.qr(Bcat)  # (O, p), (p, nr), p = min(O, nr)
+    if len({A.shape for A in As}) == 1:  # equal ranks: one batched QR for every task
+        Qb, Rb = torch.linalg.qr(torch.stack(As).transpose(1, 2))
+        factors = list(zip(Qb.unbind(0), Rb.unbind(0)))
+    else:
+        factors = [torch.linalg.qr(A.T) for A in As]  # (I, q_i), (q_i, r)
     Qs, blocks, col = [], [], 0
-    for A in As:
+    for A, (Q, R) in zip(As, factors):
         r = A.shape[0]
-        Q, R = torch.linalg.qr(A.T)  # (I, q_i), (q_i, r)
         Qs.append(Q)
         blocks.append(RB[:, col:col + r] @ R.T)  # (p, q_i): s_i B_i A_i = QB @ block @ Q^T
         col += r

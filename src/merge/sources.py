@@ -75,12 +75,16 @@ class SafetensorsReader:
         return self._meta[key][1]
 
     def load(self, key: str) -> torch.Tensor:
-        file = self._where[key]
+        return self.load_many([key])[0]
+
+    def load_many(self, keys: list[str]) -> list[torch.Tensor]:
+        """Several tensors of one file with one open (the file is unmapped afterwards)."""
+        file = self._where[keys[0]]
         try:
             with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key)
+                return [f.get_tensor(k) for k in keys]
         except Exception as e:
-            raise MergeInputError(file, f"cannot read tensor '{key}' ({e})") from None
+            raise MergeInputError(file, f"cannot read tensor(s) {keys} ({e})") from None
 
 
 _ST_DTYPES = {
@@ -217,7 +221,7 @@ class PeftAdapterReader:
 
     def load(self, key: str) -> LowRank:
         a, b = self._modules[key]
-        A, B = self._file.load(a), self._file.load(b)
+        A, B = self._file.load_many([a, b])
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise MergeInputError(self._file.path, f"'{key}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not pair")
         if self.fan_in_fan_out:  # stored transposed (Conv1D layers): dW^T = B A -> dW = A^T B^T
