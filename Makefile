@@ -3,7 +3,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 
-.PHONY: setup test bench
+.PHONY: setup test bench demo
 setup:
 	bash scripts/setup_env.sh
 
@@ -12,3 +12,6 @@ test:
 
 bench:
 	$(PY) benchmarks/bench_merge.py
+
+demo:
+	bash scripts/demo.sh
