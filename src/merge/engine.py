@@ -22,7 +22,7 @@ from .errors import MergeInputError
 from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .registry import MergeMethod, TensorGroup, get_method
 from .sources import PeftAdapterReader, align_names, open_base, open_task
-from .statistics import run_reduction
+from .statistics import LazyStatistics
 from .updates import LowRank, Update, densify
 from .writers import DEFAULT_SHARD_BYTES, PeftAdapterWriter, ShardedSafetensorsWriter
 
@@ -190,10 +190,12 @@ class MergeEngine:
 
         return items
 
-    def statistics(self, params: Any, states: Callable[[], Iterator[tuple[str, Any]]]) -> dict:
-        stats: dict = {}
-        for key, factory in self.method.reductions(params):
-            stats[key] = run_reduction(factory(stats), states)
+    def statistics(self, params: Any, states: Callable[[], Iterator[tuple[str, Any]]]) -> LazyStatistics:
+        """The method's global statistics: computed now, or on first use if deferred."""
+        stats = LazyStatistics(self.method.reductions(params), states)
+        for key in stats:
+            if key not in self.method.deferred_statistics:
+                stats[key]
         return stats
 
     def finalize(self, name: str, state: Any, update: Update, as_update: bool):

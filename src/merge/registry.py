@@ -76,6 +76,10 @@ class MergeMethod:
     #: Params fields that ``reductions`` depend on (``None``: all of them); a sweep
     #: computes global statistics once per distinct value.
     reduction_keys: ClassVar[Optional[tuple[str, ...]]] = None
+    #: Statistics computed only if a merge asks for them (``stats[key]``): TIES' model-wide
+    #: majority sign fills only entries whose trimmed values cancel exactly, which almost
+    #: never happens, so its pass over the model is usually skipped.
+    deferred_statistics: ClassVar[tuple[str, ...]] = ()
     #: Number of task models the method requires (``None``: any number >= 1).
     num_tasks: ClassVar[Optional[int]] = None
     #: Compute in float64 (precision-sensitive SVDs) instead of float32.

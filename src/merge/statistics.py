@@ -12,6 +12,7 @@ stays bounded by what the reduction keeps between passes.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -163,3 +164,32 @@ def run_reduction(reduction: GlobalReduction, items: Callable[[], Any]) -> Any:
         for name, state in items():
             reduction.observe(name, state)
     return reduction.result()
+
+
+class LazyStatistics(Mapping):
+    """Global statistics by name, each computed on first access (then kept).
+
+    ``specs``: ``(name, factory)`` pairs; a factory receives this mapping, so a statistic
+    that needs another one (the majority sign needs the trim thresholds) just reads it.
+    ``states()`` re-iterates ``(name, prepared state)`` for every pass.
+    """
+
+    def __init__(self, specs, states: Callable[[], Any]):
+        self._specs = dict(specs)
+        self._states = states
+        self._values: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            factory = self._specs[key]
+            self._values[key] = run_reduction(factory(self), self._states)
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def computed(self) -> list:
+        return list(self._values)

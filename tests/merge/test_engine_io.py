@@ -285,3 +285,29 @@ def test_lora_task_arithmetic_stays_factored_and_exports_an_adapter(tmp_path, me
     for k in updates[0]:
         want = base.state_dict()[k] + coef * sum(u[k] for u in updates)
         torch.testing.assert_close(loaded[k], want, atol=1e-5, rtol=1e-5)
+
+
+def test_majority_sign_pass_runs_only_when_an_entry_needs_it(monkeypatch):
+    """TIES' model-wide sign fill is deferred: skipped on ordinary data, computed (and used)
+    when trimmed values cancel exactly."""
+    from src.merge import statistics
+
+    passes = []
+    real = statistics.SignSum.start_pass
+    monkeypatch.setattr(statistics.SignSum, "start_pass", lambda self: passes.append(1) or real(self))
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.zeros(4, 5), "b": torch.zeros(6)}
+    tasks = [{k: torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    params = {"lam": 1.0, "density": 1.0, "trim_scope": "tensor", "sign_fill": "global"}
+    merge_state_dicts("ties", tasks, base=base, **params)
+    assert passes == []
+    # tensor "a" is mostly negative in both tasks; tensor "b" has one exact cancellation
+    tasks = [{"a": -torch.ones(4, 5), "b": torch.tensor([1.0, 2, 3, 4, 5, 2.5])},
+             {"a": -torch.ones(4, 5), "b": torch.tensor([1.0, 2, 3, 4, 5, -2.5])}]
+    merged = merge_state_dicts("ties", tasks, base=base, **params)
+    assert len(passes) >= 1
+    # elected sign of b[5] is 0: filled with the model-wide majority (-1), not b's own (+1)
+    assert merged["b"][5].item() == pytest.approx(-2.5)
+    assert merged["b"][:5].tolist() == [1.0, 2, 3, 4, 5]
+    per_tensor = merge_state_dicts("ties", tasks, base=base, **{**params, "sign_fill": "tensor"})
+    assert per_tensor["b"][5].item() == pytest.approx(2.5)

@@ -4,7 +4,7 @@ All functions take a stacked tensor ``x`` of shape ``(n_tasks, ...)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -84,13 +84,15 @@ def _threshold_column(x: torch.Tensor, thresholds: Optional[Sequence[float]]) ->
     return torch.tensor(list(thresholds), dtype=x.dtype, device=x.device).unsqueeze(1)
 
 
-def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None, fill: Optional[float] = None) -> torch.Tensor:
+def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
+                 fill: Union[None, float, Callable[[], float]] = None) -> torch.Tensor:
     """``disjoint_mean(elect_sign(trim(x, thresholds), fill))`` in one chunked pass.
 
     Same result as the three reference functions above, with temporaries bounded by
     :data:`CHUNK_ENTRIES` instead of ~a dozen copies of the stacked tensor. Entries whose
     elected sign is 0 but that hold nonzero values (exact cancellation: rare) are fixed
     up at the end, once this tensor's majority sign is known. ``thresholds=None``: no trim.
+    ``fill`` may be a callable (a model-wide statistic): it is called only if needed.
     """
     n = x.shape[0]
     flat = x.reshape(n, -1)
@@ -112,7 +114,7 @@ def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None, 
             if unresolved.numel():
                 pending.append(unresolved + start)
     if pending:
-        f = float(torch.sign(sign_total)) if fill is None else float(fill)
+        f = float(torch.sign(sign_total)) if fill is None else float(fill() if callable(fill) else fill)
         if f != 0:
             idx = torch.cat(pending)
             agreeing = (_trim_chunk(flat[:, idx], t) * f).clamp_(min=0)

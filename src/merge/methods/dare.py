@@ -36,6 +36,7 @@ class Dare(MergeMethod):
     """``dare_linear``: ``lam * sum_i drop(dW_i)``; ``dare_ties``: ``lam * disjoint_mean``."""
 
     name = "dare"
+    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
 
     @dataclass
     class Params:
@@ -81,5 +82,5 @@ class Dare(MergeMethod):
         x = self.dropped(state, params)
         if params.mode == "linear":
             return params.lam * x.sum(dim=0)
-        fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
+        fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
         return ties_combine(x, None, fill).mul_(params.lam)

@@ -51,6 +51,7 @@ class Knots(MergeMethod):
     """KnOTS-TA / KnOTS-TIES / KnOTS-DARE-TIES on SVD-aligned task updates."""
 
     name = "knots"
+    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
     accepts_low_rank = True
     compute_dtype = torch.float64
     prepare_keys = ("concat", "svd_tol")
@@ -158,7 +159,7 @@ class Knots(MergeMethod):
             merged.mul_(params.lam)
         else:
             x, thresholds = self._sparsified(state, params, stats)
-            fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
+            fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
             merged = ties_combine(x, thresholds, fill).mul_(params.lam)
         if state.U is None:
             return merged

@@ -8,12 +8,11 @@ both per tensor (so huge models can be merged one tensor at a time with no first
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
-from ..statistics import GlobalReduction, SignSum, TopKThreshold
+from ..statistics import SignSum, TopKThreshold
 from ..updates import densify
 from ._kernels import elected_sign_sum, ties_combine, topk_threshold
 
@@ -29,34 +28,6 @@ def stacked_updates(group: TensorGroup) -> torch.Tensor:
     return torch.stack([densify(u) for u in group.updates])
 
 
-class PerTaskTopK(GlobalReduction):
-    """:class:`TopKThreshold` whose task count is read from the first tensor seen.
-
-    ``reductions(params)`` is not told how many tasks there are, but ``TopKThreshold``
-    needs it up front; this defers building it to the first ``observe``.
-    """
-
-    def __init__(self, values: Callable[[Any], Sequence[torch.Tensor]], density: float):
-        self.values, self.density = values, density
-        self._inner: Optional[TopKThreshold] = None
-        self._passes = 0
-
-    def start_pass(self) -> bool:
-        self._passes += 1
-        if self._inner is None:
-            return self._passes == 1
-        return self._inner.start_pass()
-
-    def observe(self, name: str, state: Any) -> None:
-        if self._inner is None:
-            self._inner = TopKThreshold(self.values, self.density, len(self.values(state)))
-            self._inner.start_pass()
-        self._inner.observe(name, state)
-
-    def result(self) -> list[float]:
-        return [] if self._inner is None else self._inner.result()
-
-
 def check_scope(method: str, field: str, value: str) -> None:
     if value not in SCOPES:
         raise ValueError(f"{method}: {field} must be 'global' or 'tensor', got {value!r}")
@@ -67,6 +38,7 @@ class Ties(MergeMethod):
     """``dW_m = lam * disjoint_mean(elect_sign(trim(dW)))``, global or per-tensor scope."""
 
     name = "ties"
+    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
 
     @dataclass
     class Params:
@@ -99,7 +71,7 @@ class Ties(MergeMethod):
     def reductions(self, params: Params) -> list[ReductionSpec]:
         specs: list[ReductionSpec] = []
         if params.trim_scope == "global":
-            specs.append((THRESHOLDS, lambda stats: PerTaskTopK(lambda g: list(stacked_updates(g)), params.density)))
+            specs.append((THRESHOLDS, lambda stats: TopKThreshold(lambda g: stacked_updates(g).unbind(0), params.density)))
         if params.sign_fill == "global":
             # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
             specs.append(
@@ -116,5 +88,5 @@ class Ties(MergeMethod):
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
         x, thresholds = self.trim_inputs(state, params, stats)
-        fill = stats[MAJORITY_SIGN] if params.sign_fill == "global" else None
+        fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
         return ties_combine(x, thresholds, fill).mul_(params.lam)
