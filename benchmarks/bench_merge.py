@@ -140,9 +140,26 @@ def bench_sweep(root: Path, device: str, rows: list) -> None:
     t0 = time.perf_counter()
     n = sum(1 for _ in sweep.run(grid, fixed={"base_method": "ties"}, as_updates=True))
     total = time.perf_counter() - t0
-    row = {"bench": "sweep_knots_ties", "model": "ViT-B/32", "grid": f"{n} points", "device": device,
+    row = {"bench": "sweep_knots_ties", "model": "ViT-B/32 LoRA", "grid": f"{n} points", "device": device,
            "sweep_s": round(total, 1), "one_merge_s": round(single, 2), "100_merges_s": round(100 * single, 1),
            "speedup": round(100 * single / total, 1)}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    # full-rank (dense) updates, where the per-tensor SVD dominates a merge: 3 layers of ViT-B/32
+    dense = [{k: v for k, v in u.items() if ".layers.0." in k or ".layers.1." in k or ".layers.2." in k}
+             for u in dense_updates(dirs)]
+    dense = [{k: v + 1e-3 * torch.randn(v.shape, dtype=v.dtype) for k, v in u.items()} for u in dense]  # full rank
+    zero = {k: torch.zeros_like(v) for k, v in dense[0].items()}
+    t0 = time.perf_counter()
+    merge("knots", dense, base=zero, params=KNOTS_TIES, device=device, save_as="safetensors", progress=False)
+    single = time.perf_counter() - t0
+    sweep = Sweep("knots", dense, base=zero, device=device, progress=False)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in sweep.run(grid, fixed={"base_method": "ties"}, as_updates=True))
+    total = time.perf_counter() - t0
+    row = {"bench": "sweep_knots_ties", "model": "ViT-B/32 full-rank, 12 modules", "grid": f"{n} points",
+           "device": device, "sweep_s": round(total, 1), "one_merge_s": round(single, 2),
+           "100_merges_s": round(100 * single, 1), "speedup": round(100 * single / total, 1)}
     print(json.dumps(row), flush=True)
     rows.append(row)
     shutil.rmtree(root / "sweep")
