@@ -27,6 +27,11 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
+#: Files up to this size keep one open handle (adapters: hundreds of tiny tensors); larger
+#: ones are opened per tensor so their memory map never pins the whole file in RAM.
+PERSISTENT_HANDLE_MAX_BYTES = 64 << 20
+
+
 class SafetensorsReader:
     """A safetensors file, or a sharded checkpoint given by its ``*.index.json``."""
 
@@ -34,6 +39,7 @@ class SafetensorsReader:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[torch.Size, torch.dtype]] = {}
         files = self._shards()
@@ -78,9 +84,13 @@ class SafetensorsReader:
         return self.load_many([key])[0]
 
     def load_many(self, keys: list[str]) -> list[torch.Tensor]:
-        """Several tensors of one file with one open (the file is unmapped afterwards)."""
+        """Several tensors of one file (large files: one open, unmapped afterwards)."""
         file = self._where[keys[0]]
         try:
+            if file in self._handles or file.stat().st_size <= PERSISTENT_HANDLE_MAX_BYTES:
+                if file not in self._handles:
+                    self._handles[file] = safe_open(str(file), framework="pt")
+                return [self._handles[file].get_tensor(k) for k in keys]
             with safe_open(str(file), framework="pt") as f:
                 return [f.get_tensor(k) for k in keys]
         except Exception as e:

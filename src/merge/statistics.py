@@ -13,12 +13,13 @@ stays bounded by what the reduction keeps between passes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-# Values a reduction reads from one prepared state: one tensor per task.
-ValuesFn = Callable[[Any], Sequence[torch.Tensor]]
+# Values a reduction reads from one prepared state: one tensor per task, or one stacked
+# tensor (tasks, ...) which saves a copy.
+ValuesFn = Callable[[Any], Union[torch.Tensor, Sequence[torch.Tensor]]]
 
 
 class GlobalReduction:
@@ -37,13 +38,16 @@ class GlobalReduction:
 _BUCKET_SHIFT = 12  # float32 bit pattern >> 12: 2**19 buckets, ~1/2048 of an octave each
 
 
+_NUM_BUCKETS = 2 ** (31 - _BUCKET_SHIFT)
+
+
 def _buckets(values: torch.Tensor) -> torch.Tensor:
     """Monotone bucket index of |values|: the high bits of the float32 pattern, sign cleared.
 
     Rounding to float32 is monotone, so buckets are ordered like the magnitudes; no ``abs``
     in the input's precision and no int64 copy (measured 4x faster than that route).
     """
-    bits = values.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    bits = values.detach().to(torch.float32).view(torch.int32)
     return (bits & 0x7FFFFFFF) >> _BUCKET_SHIFT
 
 
@@ -66,7 +70,7 @@ class TopKThreshold(GlobalReduction):
         self.values, self.density = values, density
         self.num_tasks = num_tasks  # None: taken from the first state observed
         self._pass = 0
-        self._hist: list[torch.Tensor] = []  # per task, on the values' device
+        self._hist: Optional[torch.Tensor] = None  # (tasks * buckets,), on the values' device
         self._count: list[int] = []
         self._target: list[tuple[int, int]] = []  # per task: (bucket, rank within bucket from the top)
         self._cands: list[list[torch.Tensor]] = []
@@ -76,7 +80,7 @@ class TopKThreshold(GlobalReduction):
         if self.num_tasks is not None and n != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} task tensors, got {n}")
         self.num_tasks = n
-        self._hist = [torch.zeros(2 ** (31 - _BUCKET_SHIFT), dtype=torch.int64, device=device) for _ in range(n)]
+        self._hist = torch.zeros(n * _NUM_BUCKETS, dtype=torch.int64, device=device)
         self._count = [0] * n
         self._cands = [[] for _ in range(n)]
 
@@ -87,6 +91,7 @@ class TopKThreshold(GlobalReduction):
         if self._pass == 2:
             if self.num_tasks is None:  # nothing observed
                 return False
+            hist = self._hist.reshape(self.num_tasks, _NUM_BUCKETS).cpu()
             self._target = []
             for t in range(self.num_tasks):
                 k = int(self.density * self._count[t])
@@ -94,33 +99,39 @@ class TopKThreshold(GlobalReduction):
                     self._target.append((-1, k))
                     continue
                 # buckets from the largest down; find where the cumulative count reaches k
-                above = torch.flip(self._hist[t].cpu(), [0]).cumsum(0)
+                above = torch.flip(hist[t], [0]).cumsum(0)
                 idx = int(torch.searchsorted(above, torch.tensor(k)))
-                bucket = self._hist[t].numel() - 1 - idx
+                bucket = _NUM_BUCKETS - 1 - idx
                 before = int(above[idx - 1]) if idx > 0 else 0
                 self._target.append((bucket, k - before))
-            self._hist = []
+            self._hist = None
             return any(b >= 0 for b, _ in self._target)
         return False
 
     def observe(self, name: str, state: Any) -> None:
         vals = self.values(state)
-        if not self._hist and self._pass == 1:
-            self._allocate(len(vals), vals[0].device)
-        if len(vals) != self.num_tasks:
-            raise ValueError(f"{name}: expected {self.num_tasks} task tensors, got {len(vals)}")
-        for t, v in enumerate(vals):
-            b = _buckets(v)
-            if self._pass == 1:
-                # in-place histogram: no 4 MB bincount result per tensor and task
-                self._hist[t].index_add_(0, b, torch.ones(1, dtype=torch.int64, device=b.device).expand(b.numel()))
-                self._count[t] += b.numel()
-            else:
-                bucket, _ = self._target[t]
-                if bucket >= 0:
-                    sel = v.detach().reshape(-1).abs()[b == bucket]
-                    if sel.numel():
-                        self._cands[t].append(sel.to(torch.float64))
+        if isinstance(vals, torch.Tensor):  # stacked already: (tasks, ...)
+            flat = vals.detach().reshape(vals.shape[0], -1)
+        else:
+            flat = torch.stack([v.detach().reshape(-1) for v in vals])
+        if self._hist is None and self._pass == 1:
+            self._allocate(flat.shape[0], flat.device)
+        if flat.shape[0] != self.num_tasks:
+            raise ValueError(f"{name}: expected {self.num_tasks} task tensors, got {flat.shape[0]}")
+        if self._pass == 1:
+            # in place, one task at a time: its buckets and its 4 MB histogram stay in cache
+            # (one histogram for all tasks, or bucketing all tasks first, measured 2-3x slower)
+            hist = self._hist.view(self.num_tasks, _NUM_BUCKETS)
+            ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(flat.shape[1])
+            for t in range(self.num_tasks):
+                hist[t].index_add_(0, _buckets(flat[t]), ones)
+                self._count[t] += flat.shape[1]
+            return
+        for t, (bucket, _) in enumerate(self._target):
+            if bucket >= 0:
+                sel = flat[t][_buckets(flat[t]) == bucket]
+                if sel.numel():
+                    self._cands[t].append(sel.abs().to(torch.float64))
 
     def result(self) -> list[float]:
         if not self._thresholds and self.num_tasks:

@@ -134,7 +134,7 @@ class Knots(MergeMethod):
     def reductions(self, params: Params) -> list[ReductionSpec]:
         specs: list[ReductionSpec] = []
         if params.base_method == "ties" and params.trim_scope == "global":
-            specs.append((THRESHOLDS, lambda stats: TopKThreshold(lambda s: s.X.unbind(0), params.density)))
+            specs.append((THRESHOLDS, lambda stats: TopKThreshold(lambda s: s.X, params.density)))
         if params.base_method != "ta" and params.sign_fill == "global":
             # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
             specs.append(

@@ -71,7 +71,7 @@ class Ties(MergeMethod):
     def reductions(self, params: Params) -> list[ReductionSpec]:
         specs: list[ReductionSpec] = []
         if params.trim_scope == "global":
-            specs.append((THRESHOLDS, lambda stats: TopKThreshold(lambda g: stacked_updates(g).unbind(0), params.density)))
+            specs.append((THRESHOLDS, lambda stats: TopKThreshold(stacked_updates, params.density)))
         if params.sign_fill == "global":
             # model-wide majority = sign of the sum of every entry's elected (unfilled) sign
             specs.append(
