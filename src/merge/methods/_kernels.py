@@ -1,6 +1,8 @@
 """Element-wise building blocks shared by TIES, DARE and KnOTS (one definition each).
 
-All functions take a stacked tensor ``x`` of shape ``(n_tasks, ...)``.
+All functions take a stacked tensor ``x`` of shape ``(n_tasks, ...)``. ``trim``,
+``elect_sign`` and ``disjoint_mean`` are the literal three-step definition of TIES; the
+methods call the fused, chunked :func:`ties_combine`, which the tests check against them.
 """
 from __future__ import annotations
 
