@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule, configured from YAML (AdamW + cosine/linear warmup)."""
+"""Optimizer and learning-rate schedule, configured from YAML (AdamW or SGD + cosine/linear warmup)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +13,8 @@ class OptimSpec:
     """AdamW with a warmup then cosine / linear / constant decay, stepped every optimizer step.
 
     ``warmup`` < 1 is a fraction of the total steps (PROTOCOLS B: 0.06), >= 1 a step count.
+    ``optimizer="sgd"`` (ZipIt / MuDSC from-scratch training, PROTOCOLS E) uses ``momentum``,
+    ``nesterov`` and ``weight_decay`` (L2 added to the gradient); ``betas`` / ``eps`` are AdamW's.
     """
 
     lr: float = 1e-5
@@ -22,6 +24,9 @@ class OptimSpec:
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = 0.0
     min_lr_ratio: float = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = False
 
 
 def lr_lambda(spec: OptimSpec, total_steps: int):
@@ -48,6 +53,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec, total
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check the LoRA target modules / finetune mode")
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
+    if spec.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
+    elif spec.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                              nesterov=spec.nesterov)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {spec.optimizer!r}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec, total_steps or 1))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
