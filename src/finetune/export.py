@@ -202,15 +202,11 @@ class TaskCheckpointExport(Callback):
         self.last_score = value
         if self.select == "best" and (self.best_score is None or value > self.best_score):
             self.best_score, self.best_step, self.best_epoch = value, trainer.global_step, trainer.current_epoch
-            self._best_state = {n: p.detach().to("cpu", copy=True)
-                                for n, p in pl_module.named_parameters() if p.requires_grad}
+            self._best_state = self._snapshot(pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
         if self.select == "best" and self._best_state is not None:
-            with torch.no_grad():
-                for name, param in pl_module.named_parameters():
-                    if name in self._best_state:
-                        param.copy_(self._best_state[name].to(param.device, param.dtype))
+            self._restore(pl_module, self._best_state)
         self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer)
         finetuned = dict(self.finetuned_metrics)
         selected_step = self.best_step if self.select == "best" and self._best_state is not None else trainer.global_step
@@ -234,6 +230,27 @@ class TaskCheckpointExport(Callback):
             log.info("task checkpoint written to %s (%s)", target, metrics)
         trainer.strategy.barrier("task_checkpoint_export")
         self.exported_to = target
+
+    @staticmethod
+    def _snapshot(pl_module: TaskModule) -> dict[str, torch.Tensor]:
+        """The trainable parameters and the buffers of the modules that own them: BatchNorm
+        running statistics change with the weights (best weights with the last epoch's
+        statistics would be wrong); frozen modules' buffers are left out to keep it small."""
+        state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.requires_grad}
+        for prefix, module in pl_module.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                for name, buf in module.named_buffers(recurse=False):
+                    state[f"{prefix}.{name}" if prefix else name] = buf.detach().to("cpu", copy=True)
+        return state
+
+    @staticmethod
+    def _restore(pl_module: TaskModule, state: dict[str, torch.Tensor]) -> None:
+        tensors = dict(pl_module.named_parameters())
+        tensors.update(dict(pl_module.named_buffers()))
+        with torch.no_grad():
+            for name, value in state.items():
+                if name in tensors:
+                    tensors[name].copy_(value.to(tensors[name].device, tensors[name].dtype))
 
     # ----- resume -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -239,3 +239,27 @@ def test_optim_spec_sgd_and_default_adamw():
     assert isinstance(build_optimizer([p], OptimSpec(), 10)["optimizer"], torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer"):
         build_optimizer([p], OptimSpec(optimizer="adam"), 10)
+
+
+def test_best_selection_restores_batchnorm_statistics_with_the_weights(cifar_root):
+    """select='best' must bring back the best epoch's running statistics, not the last ones."""
+    from types import SimpleNamespace
+
+    from src.finetune.export import TaskCheckpointExport
+
+    module = built(make_dm(cifar_root))
+    bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    weight = next(p for p in module.parameters() if p.requires_grad)
+    cb = TaskCheckpointExport(select="best", monitor="val/acc")
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+        weight.fill_(0.5)
+    cb.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(0.9)},
+                                         global_step=10, current_epoch=1), module)
+    with torch.no_grad():  # a later, worse epoch moves both
+        bn.running_mean.fill_(7.0)
+        weight.fill_(-3.0)
+    cb.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(0.2)},
+                                         global_step=20, current_epoch=2), module)
+    cb._restore(module, cb._best_state)
+    assert torch.all(bn.running_mean == 1.0) and torch.all(weight == 0.5)
