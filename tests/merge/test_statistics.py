@@ -53,3 +53,17 @@ def test_fused_chunked_ties_equals_the_reference_steps(monkeypatch, fill, trimme
     assert float(K.elected_sign_sum(x, thresholds)) == float(torch.sign(ref_x.sum(0)).sum())
     if fill is not None and not trimmed:
         assert got[2, 5] == pytest.approx(1.5 * fill)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
+def test_per_tensor_threshold_histogram_route_equals_topk(monkeypatch, dtype, density):
+    from src.merge.methods import _kernels as K
+
+    x = torch.randn(300, 500, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    monkeypatch.setattr(K, "HISTOGRAM_SELECT_MIN", 10 ** 9)
+    by_topk = K.topk_threshold(x, density)
+    monkeypatch.setattr(K, "HISTOGRAM_SELECT_MIN", 1)
+    by_histogram = K.topk_threshold(x, density)
+    assert by_histogram == by_topk
+    assert int((x.abs() >= by_histogram).sum()) == int(density * x.numel())

