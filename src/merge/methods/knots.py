@@ -10,11 +10,11 @@ low rank: ``LowRank(B=U, A=merged)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from ..linalg import DEFAULT_TOL, dense_concat_svd, factored_concat_svd
+from ..linalg import DEFAULT_TOL, FactoredCoefficients, dense_concat_svd, factored_concat_svd
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import SignSum, TopKThreshold
 from ..updates import LowRank, Update, densify
@@ -36,14 +36,21 @@ class KnotsState:
     ``U is None`` for tensors merged element-wise (``dim < 2``; ``X`` is then the stacked
     updates). ``transposed``: row concatenation, where the basis spans the input side and
     ``X[i]`` holds ``(U_i S)^T``. ``low_rank``: return a :class:`LowRank` (LoRA inputs).
+    ``coefficients`` is ``X`` itself or, for LoRA inputs, its factors (4x smaller; the
+    global statistics read ``X`` several times, and a whole model's states stay cached).
     """
 
     name: str
-    X: torch.Tensor
+    coefficients: Union[torch.Tensor, FactoredCoefficients]
     U: Optional[torch.Tensor]
     shape: torch.Size
     transposed: bool = False
     low_rank: bool = False
+
+    @property
+    def X(self) -> torch.Tensor:
+        c = self.coefficients
+        return c.materialize() if isinstance(c, FactoredCoefficients) else c
 
 
 @register
@@ -119,7 +126,7 @@ class Knots(MergeMethod):
             Bs, As = [u.B for u in ups], [u.A for u in ups]
             if row:  # row concatenation = column concatenation of the transposes
                 Bs, As = [A.T for A in As], [B.T for B in Bs]
-            svd = factored_concat_svd(Bs, As, [u.scale for u in ups], params.svd_tol, scaled=True)
+            svd = factored_concat_svd(Bs, As, [u.scale for u in ups], params.svd_tol, scaled=True, lazy=True)
             low_rank = True
         else:
             mats = [densify(u).reshape(shape[0], -1) for u in ups]  # conv etc.: (O, rest)
