@@ -102,6 +102,11 @@ class MergeMethod:
     def reductions(self, params: Any) -> list[ReductionSpec]:
         return []
 
+    def sweep_state(self, state: Any) -> Any:
+        """The form of a prepared state kept for many merges (a sweep): trade memory for
+        speed where ``prepare`` keeps things compact for one merge. Default: as is."""
+        return state
+
     def merge(self, state: Any, params: Any, stats: dict) -> Update:
         raise NotImplementedError
 

@@ -53,7 +53,7 @@ class Sweep:
             cache: dict[str, Any] = {}
             for _ in self.engine.prepared_states(params, cache)():
                 self.prepare_calls += 1
-            self._states[key] = cache
+            self._states[key] = {name: self.method.sweep_state(state) for name, state in cache.items()}
         return self._states[key]
 
     def merge(self, params: Any, as_updates: bool = False) -> dict[str, Any]:

@@ -9,6 +9,7 @@ low rank: ``LowRank(B=U, A=merged)``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -148,6 +149,10 @@ class Knots(MergeMethod):
                 (MAJORITY_SIGN, lambda stats: SignSum(lambda s: elected_sign_sum(*self._sparsified(s, params, stats))))
             )
         return specs
+
+    def sweep_state(self, state: KnotsState) -> KnotsState:
+        """A sweep reads every state at each grid point: keep ``X`` materialized."""
+        return dataclasses.replace(state, coefficients=state.X)
 
     # ---------------------------------------------------------------- merge
 
