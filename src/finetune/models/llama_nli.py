@@ -13,15 +13,13 @@ in training and evaluation, so the model is trained and scored as a 2-way classi
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from ..base import LoraSpec, TaskModule
+from ..base import LoraSpec, TaskModule, config_model_id, seeded_build
 from ..optim import OptimSpec
 
 HEAD_MODULE = "score"
@@ -37,21 +35,6 @@ def resolve_dtype(torch_dtype) -> torch.dtype:
     if torch_dtype is None:
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-
-
-def config_model_id(pretrained: str, model_config: Optional[dict], init_seed: int) -> str:
-    """The base-model id of a config-built model: its weights are fixed by config and seed."""
-    if model_config is None:
-        return pretrained
-    blob = json.dumps({"config": model_config, "seed": init_seed}, sort_keys=True, default=str)
-    return f"{pretrained}#config-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
-
-
-def seeded(fn, seed: int):
-    """Build a randomly initialized model reproducibly without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn()
 
 
 def load_tokenizer(pretrained: str):
@@ -104,7 +87,7 @@ def build_llama_classifier(
         if quantization:
             raise ValueError("quantization needs saved weights: save the model and pass its path as `pretrained`")
         config = LlamaConfig(**{**model_config, "num_labels": num_labels})
-        model = seeded(lambda: AutoModelForSequenceClassification.from_config(config, dtype=dtype), init_seed)
+        model = seeded_build(lambda: AutoModelForSequenceClassification.from_config(config, dtype=dtype), init_seed)
     else:
         kwargs = {}
         if quantization:

@@ -26,9 +26,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ..base import TaskModule
+from ..base import TaskModule, config_model_id, seeded_build
 from ..optim import OptimSpec
-from .llama_nli import config_model_id, resolve_dtype, seeded
+from .llama_nli import resolve_dtype
 
 IGNORE = -100
 
@@ -105,7 +105,7 @@ class MT5Seq2Seq(TaskModule):
         dtype = resolve_dtype(self.torch_dtype)
         if self.model_config is not None:
             config = MT5Config(**self.model_config)
-            model = seeded(lambda: MT5ForConditionalGeneration(config), self.init_seed).to(dtype)
+            model = seeded_build(lambda: MT5ForConditionalGeneration(config), self.init_seed).to(dtype)
         else:
             model = MT5ForConditionalGeneration.from_pretrained(self.pretrained, dtype=dtype)
         return model.requires_grad_(False)

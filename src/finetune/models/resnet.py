@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base import EmbeddingHeadMixin, OptimSpec, TaskModule, class_embeddings
-from .clip import ByteTokenizer, config_fingerprint, seeded_build
+from ..base import EmbeddingHeadMixin, OptimSpec, TaskModule, class_embeddings, config_fingerprint, seeded_build
+from .clip import ByteTokenizer
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 ZIPIT_LOGIT_SCALE = 100.0
