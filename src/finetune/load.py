@@ -160,13 +160,18 @@ def check_adapter(adapter: Path, base: torch.nn.Module) -> None:
                                                             f"{name!r} has {out_features} output features")
 
 
-def check_full_weights(path: Path, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a small safetensors file; a missing or corrupt file names itself."""
     if not path.is_file():
         raise TaskCheckpointError(path, "missing file")
     try:
-        state = load_file(str(path))
-    except Exception as e:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
         raise TaskCheckpointError(path, f"unreadable safetensors file: {e}") from None
+
+
+def check_full_weights(path: Path, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = read_safetensors(path)
     if not state:
         raise TaskCheckpointError(path, "holds no tensors")
     base_state = base.state_dict()
@@ -183,12 +188,7 @@ def check_full_weights(path: Path, base: torch.nn.Module) -> dict[str, torch.Ten
 
 
 def load_head(path: Path, module: TaskModule) -> None:
-    if not path.is_file():
-        raise TaskCheckpointError(path, "missing file")
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise TaskCheckpointError(path, f"unreadable safetensors file: {e}") from None
+    state = read_safetensors(path)
     for key, tensor in state.items():
         _check_finite(path, key, tensor)
     try:
