@@ -90,6 +90,10 @@ class MergeEngine:
                 "pass base=... (only LoRA-only merges may omit it: they output the merged update)"
             )
         self._validate()
+        # W0 enters a group only to turn full weights into updates, or for methods defined on
+        # weights (SLERP, MLERP); LoRA merges of low-rank methods never read it (adapter output)
+        # or read it once, when writing W0 + dW.
+        self.group_needs_base = not self.all_lora or not self.method.accepts_low_rank
 
     # ----- validation -----------------------------------------------------------------
     def _validate(self) -> None:
@@ -142,7 +146,7 @@ class MergeEngine:
         """Load one parameter from every input, as task updates in the compute dtype/device."""
         dtype, dev = self.method.compute_dtype, self.device
         base = None
-        if self.base is not None:
+        if self.base is not None and self.group_needs_base:
             base = self.base.load(name)
             self._check_finite(base, self.base.path, name)
             base = base.to(device=dev, dtype=dtype)
@@ -198,15 +202,17 @@ class MergeEngine:
                 stats[key]
         return stats
 
-    def finalize(self, name: str, state: Any, update: Update, as_update: bool):
-        """The merged tensor to emit: the update itself, or ``W0 + dW`` in the output dtype."""
+    def finalize(self, name: str, update: Update, as_update: bool, base: Optional[torch.Tensor] = None):
+        """The merged tensor to emit: the update itself, or ``W0 + dW`` in the output dtype.
+
+        ``base``: ``W0`` when the caller already loaded it (else it is read here, once).
+        """
         if as_update:
             return update
         dense = densify(update)
-        base = state.base if isinstance(state, TensorGroup) else getattr(state, "base", None)
         if base is None and self.base is not None:
-            base = self.base.load(name).to(device=dense.device, dtype=dense.dtype)
-        merged = dense if base is None else base + dense
+            base = self.base.load(name)
+        merged = dense if base is None else base.to(device=dense.device, dtype=dense.dtype) + dense
         return merged.to(self.out_dtype(name))
 
     def resolve_save_as(self, save_as: str) -> str:
@@ -241,14 +247,18 @@ class MergeEngine:
                     if mode == "safetensors":
                         sink(name, self.passthrough(name))
                     continue
-                state = cache.pop(name) if cache is not None and name in cache else self.method.prepare(self.group(name), params)
+                if cache is not None and name in cache:
+                    state, base = cache.pop(name), None
+                else:
+                    group = self.group(name)
+                    state, base = self.method.prepare(group, params), group.base
                 update = self.method.merge(state, params, stats)
                 if mode == "adapter" and not isinstance(update, LowRank):
                     raise ValueError(
                         f"method '{self.method.name}' returned a dense update for '{name}', which a LoRA adapter "
                         "cannot hold; use save_as='safetensors'"
                     )
-                sink(name, self.finalize(name, state, update, as_update=(mode == "adapter")))
+                sink(name, self.finalize(name, update, as_update=(mode == "adapter"), base=base))
         
         info = {
             "method": self.method.name,

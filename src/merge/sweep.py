@@ -69,7 +69,8 @@ class Sweep:
         for name in self.engine.names:
             if name in states:
                 update = self.method.merge(states[name], params, stats)
-                merged[name] = self.engine.finalize(name, states[name], update, as_update=as_updates)
+                merged[name] = self.engine.finalize(name, update, as_update=as_updates,
+                                                    base=getattr(states[name], "base", None))
             elif not as_updates:
                 merged[name] = self.engine.passthrough(name)
         return merged

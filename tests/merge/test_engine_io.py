@@ -311,3 +311,24 @@ def test_majority_sign_pass_runs_only_when_an_entry_needs_it(monkeypatch):
     assert merged["b"][:5].tolist() == [1.0, 2, 3, 4, 5]
     per_tensor = merge_state_dicts("ties", tasks, base=base, **{**params, "sign_fill": "tensor"})
     assert per_tensor["b"][5].item() == pytest.approx(2.5)
+
+
+def test_base_tensors_are_read_only_when_needed(tmp_path):
+    """LoRA merges into an adapter never read W0; into merged weights, once per tensor."""
+    from src.merge.sources import StateDictReader
+
+    class CountingBase(StateDictReader):
+        loads: list = []
+
+        def load(self, key):
+            self.loads.append(key)
+            return super().load(key)
+
+    base = base_model()
+    adapters = [save_lora_adapter(base, tmp_path / f"a{i}", seed=60 + i) for i in range(2)]
+    for save_as, expected in (("adapter", 0), ("safetensors", 1)):
+        counting = CountingBase(base.state_dict(), "<base>", kind="full")
+        counting.loads = []
+        merge("knots", adapters, base=counting, save_as=save_as, progress=False)
+        names = open_task(adapters[0]).keys()
+        assert all(counting.loads.count(n) == expected for n in names), (save_as, counting.loads)
