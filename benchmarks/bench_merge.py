@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.merge import MergeEngine, Sweep, merge  # noqa: E402
+from src.merge import Sweep, merge  # noqa: E402
 from src.merge.sources import open_task  # noqa: E402
 
 KNOTS_TIES = {"base_method": "ties", "lam": 0.6, "density": 0.2, "trim_scope": "global", "sign_fill": "global"}

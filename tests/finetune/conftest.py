@@ -103,6 +103,23 @@ def _quiet_trainer(**kw) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
+class LossLog(L.Callback):
+    """Records the training loss of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit_losses(module, dm, steps: int) -> list[float]:
+    """Train ``steps`` steps on the CPU without validation; the training loss of each step."""
+    log = LossLog()
+    _quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[log]).fit(module, datamodule=dm)
+    return log.losses
+
+
 @pytest.fixture
 def built_clip(toy_dm):
     """A built (setup) LoRA ClipClassifier over the toy labels."""

@@ -23,6 +23,8 @@ from src.finetune.models.llama_nli import LlamaNLIClassifier, build_llama_classi
 from src.finetune.models.mt5 import MT5Seq2Seq  # noqa: E402
 from src.finetune.optim import OptimSpec  # noqa: E402
 
+from .conftest import fit_losses  # noqa: E402
+
 NLI3 = ["entailment", "neutral", "contradiction"]
 NLI2 = ["entailment", "not_entailment"]
 LLAMA = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -44,22 +46,6 @@ class BatchesDM(L.LightningDataModule):
     val_dataloader = train_dataloader
 
 
-class LossLog(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
-def fit(module, dm, steps) -> list[float]:
-    """Train ``steps`` steps; the training loss of each step."""
-    log = LossLog()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[log])
-    trainer.fit(module, datamodule=dm)
-    return log.losses
 
 
 # ----- Llama ----------------------------------------------------------------------------
@@ -98,7 +84,7 @@ def llama_base_dir(tmp_path_factory):
 def test_llama_lora_training_lowers_loss_and_trains_only_lora_and_head():
     batch = nli_batch(3)
     module = llama()  # built by Lightning's setup from the datamodule's label names
-    losses = fit(module, BatchesDM([batch] * 12, NLI3), steps=12)
+    losses = fit_losses(module, BatchesDM([batch] * 12, NLI3), steps=12)
     assert module.label_names == NLI3 and len(losses) == 12
     assert eval_loss(module, batch) < losses[0] - 0.05  # same batch: the first step saw the untrained model
     base = module.load_base().state_dict()
@@ -220,7 +206,7 @@ def test_llama_4bit_lora_trains_on_cpu(llama_base_dir):
     assert set(got) == set(expected) and any("layers.0." in k for k in got)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], msg=k)
-    fit(module, BatchesDM([batch] * 12, NLI3), steps=12)
+    fit_losses(module, BatchesDM([batch] * 12, NLI3), steps=12)
     after = eval_loss(module, batch)
     assert after == after and after < before_loss - 0.05
 
@@ -267,7 +253,7 @@ def test_mt5_training_lowers_seq2seq_loss(t5_tokenizer_dir):
     module = MT5Seq2Seq("unused", tokenizer=t5_tokenizer_dir, model_config={**MT5, "vocab_size": len(WORDS) + 3},
                         optim=FAST)
     batch = seq2seq_batch(module.tokenizer, SOURCES, [labels[i % 2] for i in range(len(SOURCES))])
-    losses = fit(module, BatchesDM([batch] * 10, labels), steps=10)
+    losses = fit_losses(module, BatchesDM([batch] * 10, labels), steps=10)
     assert module.label_names == labels and len(losses) == 10
     module.eval()
     with torch.no_grad():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -20,7 +19,7 @@ from src.finetune.models.resnet import ResNet20, ResNetClassifier
 from src.finetune.optim import OptimSpec, build_optimizer
 from src.task_checkpoint import read_task_info
 
-from .conftest import TINY_CLIP
+from .conftest import TINY_CLIP, fit_losses
 
 SGD = OptimSpec(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, scheduler="constant")
 
@@ -67,21 +66,6 @@ def built(dm, **kw):
     return module
 
 
-class LossLog(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
-def fit(module, dm, steps):
-    log = LossLog()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[log])
-    trainer.fit(module, datamodule=dm)
-    return log.losses
 
 
 # ----- class split ---------------------------------------------------------------------------------
@@ -169,7 +153,7 @@ def test_different_init_seeds_differ():
 def test_training_lowers_loss(cifar_root):
     dm = make_dm(cifar_root, subset=0)
     module = make_module()
-    losses = fit(module, dm, steps=18)
+    losses = fit_losses(module, dm, steps=18)
     assert len(losses) == 18 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
     assert module.head.requires_grad is False
@@ -181,7 +165,7 @@ def test_training_lowers_loss(cifar_root):
 def test_export_and_reload_reproduce_logits(cifar_root, tmp_path):
     dm = make_dm(cifar_root, subset=1)
     module = make_module(init_seed=3)
-    fit(module, dm, steps=3)  # BatchNorm running statistics move away from their init
+    fit_losses(module, dm, steps=3)  # BatchNorm running statistics move away from their init
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         want = module.eval().logits(batch)

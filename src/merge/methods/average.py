@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..registry import MergeMethod, TensorGroup, register
 from ..updates import Update, weighted_sum
