@@ -15,12 +15,10 @@ the module path inside ``base_model.model.``), so merge needs no conversion.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 
 FORMAT_VERSION = 1
 TASK_JSON = "task.json"
@@ -98,37 +96,6 @@ def full_weights_path(directory) -> Path:
 
 def head_path(directory) -> Path:
     return Path(directory) / HEAD_WEIGHTS
-
-
-class atomic_directory:
-    """Write a directory under a temporary name; rename it into place only on success.
-
-    >>> with atomic_directory("ckpt/cars") as tmp:
-    ...     (tmp / "task.json").write_text("{}")
-    On an exception nothing is left behind; an existing directory is replaced only after
-    the new one is complete.
-    """
-
-    def __init__(self, target):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def write_task_info(directory, info: TaskInfo) -> None:

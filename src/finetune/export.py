@@ -27,8 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
-from ..task_checkpoint import (ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, atomic_directory,
-                               write_task_info)
+from ..safe_output import atomic_directory
+from ..task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, write_task_info
 from .base import TaskModule, jsonable
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..task_checkpoint import atomic_directory
+from ..safe_output import MERGE_MARKER, OutputError, atomic_directory, check_free_space, check_output
 from .errors import MergeInputError
 from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .registry import MergeMethod, TensorGroup, get_method

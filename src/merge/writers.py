@@ -1,7 +1,7 @@
 """Writers of merged models: sharded safetensors and PEFT LoRA adapters.
 
 Both write into a directory that only appears once complete (see
-:class:`src.task_checkpoint.atomic_directory`), so a failed merge leaves nothing behind.
+:class:`src.safe_output.atomic_directory`), so a failed merge leaves nothing behind.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from src.merge import LowRank, MergeInputError, Sweep, merge, merge_state_dicts
 from src.merge.__main__ import main as cli_main
 from src.merge.sources import PeftAdapterReader, open_task
-from src.task_checkpoint import TaskInfo, atomic_directory, write_task_info
+from src.safe_output import atomic_directory
+from src.task_checkpoint import TaskInfo, write_task_info
 
 from .helpers import base_model, full_task_state, save_lora_adapter
 
