@@ -231,6 +231,7 @@ class atomic_directory:
         except OSError as e:
             raise OutputError(parent, f"cannot create the output's parent directory ({e.strerror})") from None
         clean_debris(self.target, self.report)
+        self._before = _identity(self.target)  # what check_output accepted replacing
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
         except OSError as e:
@@ -250,6 +251,10 @@ class atomic_directory:
             self._signals.__exit__(None, None, None)
 
     def _commit(self) -> None:
+        if _identity(self.target) not in (None, self._before):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(self.target, "another process wrote this output while this run was writing it; "
+                              "this run's result was discarded (run it again to replace theirs)")
         old = None
         if os.path.lexists(self.target):
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
@@ -277,6 +282,15 @@ class atomic_directory:
             raise
         if old is not None:
             _remove(old)
+
+
+def _identity(path: Path):
+    """Which file system object sits at ``path`` (``None``: nothing)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def check_free_space(directory, needed_bytes: int) -> None:

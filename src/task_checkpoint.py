@@ -59,7 +59,14 @@ class TaskInfo:
             raise TaskCheckpointError(path, f"missing field(s) {missing}")
         if data["kind"] not in KINDS:
             raise TaskCheckpointError(path, f"kind must be one of {KINDS}, got {data['kind']!r}")
-        if int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise TaskCheckpointError(path, f"format_version must be a positive integer, got {version!r}")
+        for name, types in (("task", str), ("base_model", str), ("family", str), ("label_names", list),
+                            ("hparams", dict), ("metrics", dict)):
+            if name in data and not isinstance(data[name], types):
+                raise TaskCheckpointError(path, f"{name} must be a {types.__name__}, got {data[name]!r}")
+        if version > FORMAT_VERSION:
             raise TaskCheckpointError(path, f"format_version {data['format_version']} is newer than {FORMAT_VERSION}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -8,7 +8,9 @@ shard buffer), never N whole models. Global statistics take extra passes over th
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,14 +19,16 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..safe_output import MERGE_MARKER, OutputError, atomic_directory, check_free_space, check_output
+from ..safe_output import MERGE_MARKER, atomic_directory, check_free_space, check_output
 from .errors import MergeInputError
 from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
-from .registry import MergeMethod, TensorGroup, get_method
+from .model_files import copy_model_files, write_model_card
+from .registry import MergeMethod, TensorGroup, check_params, get_method
+from .base_ids import canonical_base, declared_base, resolve_base
 from .sources import PeftAdapterReader, align_names, open_base, open_task
 from .statistics import LazyStatistics
 from .updates import LowRank, Update, densify
-from .writers import DEFAULT_SHARD_BYTES, PeftAdapterWriter, ShardedSafetensorsWriter
+from .writers import DEFAULT_SHARD_BYTES, PeftAdapterWriter, ShardedSafetensorsWriter, _nbytes
 
 SAVE_AS = ("auto", "safetensors", "adapter")
 
@@ -53,6 +57,19 @@ class _MemoryMeter:
         return out
 
 
+def _refuse_duplicates(tasks: Sequence[Any]) -> None:
+    """The same task model twice silently doubles its weight in every method: refuse it."""
+    seen: dict[str, Any] = {}
+    for spec in tasks:
+        if not isinstance(spec, (str, Path)):
+            continue
+        key = os.path.realpath(str(spec))
+        if key in seen:
+            raise MergeInputError(spec, f"is given twice as a task model (also as {seen[key]}); "
+                                  "each task model may appear once")
+        seen[key] = spec
+
+
 class MergeEngine:
     """Opens and validates the inputs of one merge; streams prepared tensor groups.
 
@@ -71,9 +88,14 @@ class MergeEngine:
         ckpt_prefix: str = "",
     ):
         self.method = get_method(method) if isinstance(method, str) else method
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"invalid device {device!r} ({e}); use cpu, cuda or cuda:N") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no GPU is available")
+        if self.device.type == "cuda" and self.device.index is not None and self.device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) are visible")
         self.progress = progress
         return_freed_memory_to_os()
         if not tasks:
@@ -81,28 +103,52 @@ class MergeEngine:
         need = self.method.num_tasks
         if need is not None and len(tasks) != need:
             raise ValueError(f"method '{self.method.name}' merges exactly {need} task models, got {len(tasks)}")
+        _refuse_duplicates(tasks)
+        self.task_specs = list(tasks)
         self.tasks = [open_task(t, ckpt_prefix=ckpt_prefix) for t in tasks]
+        self.declared_base = self._common_declared_base()
+        self.base_note: Optional[str] = None
+        if base is None and self.declared_base is not None:
+            local = resolve_base(self.declared_base)
+            if local is not None:
+                base = local
+                self.base_note = f"base model {self.declared_base} (recorded by the task models) found at {local}"
+        self.base_spec = base
         self.base = open_base(base)
         self.all_lora = all(t.kind == "lora" for t in self.tasks)
         if self.base is None and self.method.needs_base and not self.all_lora:
+            hint = (f" (the task models record {self.declared_base!r}, which is not available offline)"
+                    if self.declared_base else "")
             raise ValueError(
-                f"method '{self.method.name}' combines task updates (W_i - W0) and needs a base model; "
-                "pass base=... (only LoRA-only merges may omit it: they output the merged update)"
+                f"method '{self.method.name}' combines task updates (W_i - W0) and needs a base model{hint}; "
+                "pass base=... / --base PATH (only LoRA-only merges may omit it: they output the merged update)"
             )
-        self._validate()
+        self._validate(ckpt_prefix)
         # W0 enters a group only to turn full weights into updates, or for methods defined on
         # weights (SLERP, MLERP); LoRA merges of low-rank methods never read it (adapter output)
         # or read it once, when writing W0 + dW.
         self.group_needs_base = not self.all_lora or not self.method.accepts_low_rank
 
+    def _common_declared_base(self) -> Optional[str]:
+        """The one base id the task models record; refuses task models naming different ones."""
+        declared = [(t, declared_base(t)) for t in self.tasks]
+        declared = [(t, b) for t, b in declared if b]
+        if not declared:
+            return None
+        first, first_id = declared[0]
+        for t, b in declared[1:]:
+            if canonical_base(b) != canonical_base(first_id):
+                raise MergeInputError(t.path, f"was finetuned from another base model ({b!r}) than "
+                                      f"{first.path} ({first_id!r})")
+        return first_id
+
     # ----- validation -----------------------------------------------------------------
-    def _validate(self) -> None:
+    def _validate(self, ckpt_prefix: str = "") -> None:
         first = self.tasks[0]
-        named = [(t, t.task_info.base_model) for t in self.tasks if getattr(t, "task_info", None)]
-        if len({b for _, b in named}) > 1:
-            offender = next(t for t, b in named if b != named[0][1])
-            raise MergeInputError(offender.path, f"was finetuned from another base model than {named[0][0].path} "
-                                  f"({sorted({b for _, b in named})})")
+        for t in self.tasks:
+            if not t.keys():
+                hint = f" whose name starts with --ckpt_prefix {ckpt_prefix!r}" if ckpt_prefix else ""
+                raise MergeInputError(t.path, f"holds no tensor{hint}; nothing to merge")
         base_keys = set(self.base.keys()) if self.base is not None else None
         self._names: list[dict[str, str]] = []  # per task: merged name -> reader key
         for t in self.tasks:
@@ -123,12 +169,22 @@ class MergeEngine:
             for t, shape in shapes:
                 if tuple(shape) != tuple(expected):
                     raise MergeInputError(t.path, f"tensor '{name}' has shape {tuple(shape)}, expected {tuple(expected)} as in {where}")
+        if not any(self.is_mergeable(n) for n in self.names):
+            raise MergeInputError(first.path, "shares no floating-point parameter with the other inputs"
+                                  + (f" and the base model {self.base.path}" if self.base is not None else "")
+                                  + "; nothing to merge")
 
     # ----- loading ----------------------------------------------------------------------
     def out_dtype(self, name: str) -> torch.dtype:
+        """The base's dtype; without a base, the widest of the task models' dtypes (a float16
+        first task must not turn another input's float32 values beyond its range into inf)."""
         if self.base is not None:
             return self.base.dtype(name)
-        return self.tasks[0].dtype(self._names[0][name])
+        dtypes = [t.dtype(m[name]) for t, m in zip(self.tasks, self._names)]
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = torch.promote_types(out, d)
+        return out
 
     def shape(self, name: str) -> torch.Size:
         if self.base is not None:
@@ -224,6 +280,26 @@ class MergeEngine:
             raise ValueError("save_as='adapter' needs every task model to be a LoRA adapter")
         return save_as
 
+    def input_paths(self) -> list:
+        """Every file or directory this merge reads (protected from ``output``)."""
+        paths = [p for p in self.task_specs if isinstance(p, (str, Path))]
+        paths += [t.path for t in self.tasks if isinstance(getattr(t, "path", None), Path) and not getattr(t, "in_memory", False)]
+        if isinstance(self.base_spec, (str, Path)):
+            paths.append(self.base_spec)
+        return paths
+
+    def _check_output_tensor(self, name: str, tensor: Any) -> None:
+        """No NaN/inf reaches an output file: a broken model is never written as a success."""
+        parts = [tensor.A, tensor.B] if isinstance(tensor, LowRank) else [tensor]
+        if all(not p.is_floating_point() or bool(torch.isfinite(p).all()) for p in parts):
+            return
+        if self.base is not None and name in self.base.keys():
+            w0 = self.base.load(name)
+            if w0.is_floating_point() and not bool(torch.isfinite(w0).all()):
+                raise MergeInputError(self.base.path, f"tensor '{name}' contains NaN or inf")
+        raise ValueError(f"merged tensor '{name}' has NaN or inf in {parts[0].dtype} (the merge exceeds the output "
+                         "dtype's range, or the hyperparameters blow it up); nothing was written")
+
     def run(
         self,
         params: Any = None,
@@ -231,10 +307,30 @@ class MergeEngine:
         save_as: str = "auto",
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         cache_states: Optional[bool] = None,
+        overwrite: bool = False,
     ) -> MergeResult:
-        """Merge once. With ``output`` the result is written atomically, else returned."""
+        """Merge once. With ``output`` the result is written atomically, else returned.
+
+        ``output`` is checked before any work (:func:`src.safe_output.check_output`): never an
+        input, never a non-empty path that is not an earlier merge output unless ``overwrite``.
+        With a base model, a safetensors output is a complete model: every base tensor (the
+        unmerged ones copied), plus the base directory's config and tokenizer files.
+        """
         params = params if params is not None and not isinstance(params, dict) else self.method.make_params(**(params or {}))
+        check_params(params, self.method.name)
         mode = self.resolve_save_as(save_as)
+        replacing = None
+        if output is not None:
+            replacing = check_output(output, self.input_paths(), marker=MERGE_MARKER, overwrite=overwrite)
+        complete = output is not None and mode == "safetensors" and self.base is not None
+        out_names = list(self.base.keys()) if complete else list(self.names)
+        merged_names = set(self.names)
+        layout = [(n, tuple(self.shape(n)), self.out_dtype(n)) for n in out_names] if mode == "safetensors" else []
+        if output is not None:
+            check_free_space(Path(output).parent, sum(_nbytes(shape, dtype) for _, shape, dtype in layout))
+        for note in (self.base_note, replacing):
+            if note:
+                _note(note)
         start, meter = time.perf_counter(), _MemoryMeter(self.device)
         if cache_states is None:  # keep states when they are small: LoRA factors or in-memory inputs
             cache_states = self.all_lora or all(getattr(t, "in_memory", False) for t in self.tasks)
@@ -242,10 +338,13 @@ class MergeEngine:
         stats = self.statistics(params, self.prepared_states(params, cache))
 
         def produce(sink: Callable[[str, Any], None]) -> None:
-            for name in self.bar(self.names, f"{self.method.name}: merge"):
-                if not self.is_mergeable(name):
+            for name in self.bar(out_names, f"{self.method.name}: merge"):
+                if name not in merged_names or not self.is_mergeable(name):
                     if mode == "safetensors":
-                        sink(name, self.passthrough(name))
+                        tensor = self.passthrough(name)
+                        if name not in merged_names and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            raise MergeInputError(self.base.path, f"tensor '{name}' contains NaN or inf")
+                        sink(name, tensor)
                     continue
                 if cache is not None and name in cache:
                     state, base = cache.pop(name), None
@@ -258,16 +357,22 @@ class MergeEngine:
                         f"method '{self.method.name}' returned a dense update for '{name}', which a LoRA adapter "
                         "cannot hold; use save_as='safetensors'"
                     )
-                sink(name, self.finalize(name, update, as_update=(mode == "adapter"), base=base))
-        
+                tensor = self.finalize(name, update, as_update=(mode == "adapter"), base=base)
+                self._check_output_tensor(name, tensor)
+                sink(name, tensor)
+
         info = {
             "method": self.method.name,
             "params": asdict(params),
             "base": None if self.base is None else str(self.base.path),
+            "base_model_id": self.declared_base,
             "tasks": [str(t.path) for t in self.tasks],
             "save_as": mode,
+            "contents": "updates" if mode == "adapter" or (self.base is None and self.method.needs_base) else "weights",
+            "complete_model": complete,
             "device": str(self.device),
-            "num_tensors": len(self.names),
+            "num_tensors": len(out_names),
+            "num_merged_tensors": len(self.names),
             "torch": torch.__version__,
             "host": platform.node(),
         }
@@ -284,10 +389,25 @@ class MergeEngine:
                 writer = PeftAdapterWriter(tmp, template)
                 produce(lambda n, u: writer.add(n, u, self.out_dtype(n)))
             else:
-                layout = [(n, tuple(self.shape(n)), self.out_dtype(n)) for n in self.names]
                 writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes, {"format": "pt", "method": self.method.name})
                 produce(writer.add)
             writer.close()
+            if complete:
+                copy_model_files(self.base_dir(), tmp)
             info.update(wall_time_s=time.perf_counter() - start, **meter.report())
-            (tmp / "merge.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+            (tmp / MERGE_MARKER).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            write_model_card(tmp, info)
         return MergeResult(info=info, output=output)
+
+    def base_dir(self) -> Optional[Path]:
+        """The base model's directory (config, tokenizer files), when the base came from one."""
+        if not isinstance(self.base_spec, (str, Path)):
+            return None
+        path = Path(self.base_spec)
+        if path.is_dir():
+            return path
+        return path.parent if (path.parent / "config.json").is_file() else None
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)

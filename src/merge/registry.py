@@ -18,6 +18,7 @@ Adding a method = one file in ``src/merge/methods/`` with a ``@register`` class,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
@@ -94,7 +95,9 @@ class MergeMethod:
                 f"method '{self.name}' has no hyperparameter(s) {sorted(unknown)}; "
                 f"it takes {sorted(fields)}"
             )
-        return self.Params(**overrides)
+        params = self.Params(**overrides)
+        check_params(params, self.name)
+        return params
 
     def prepare(self, group: TensorGroup, params: Any) -> Any:
         return group
@@ -109,6 +112,30 @@ class MergeMethod:
 
     def merge(self, state: Any, params: Any, stats: dict) -> Update:
         raise NotImplementedError
+
+
+def check_params(params: Any, method: str) -> None:
+    """Refuse non-finite numbers (``1e400`` parses to inf, ``nan`` through the API): they
+    would produce a model of NaN/inf that looks like any other output."""
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        for x in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"method '{method}': hyperparameter {f.name}={value!r} is not a finite number")
+
+
+def describe(cls: type[MergeMethod]) -> dict[str, Any]:
+    """One line about a method for ``--list``: what it does, what it needs, its defaults."""
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {
+        "name": cls.name,
+        "description": doc[0] if doc else "",
+        "needs_base": "yes (LoRA-only: no)" if cls.needs_base else "no",
+        "lora": "kept factored" if cls.accepts_low_rank else "densified",
+        "tasks": str(cls.num_tasks) if cls.num_tasks else "any",
+        "defaults": {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                     for f in dataclasses.fields(cls.Params)},
+    }
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

@@ -183,6 +183,7 @@ class PeftAdapterReader:
             self.config = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise MergeInputError(cfg_path, f"unreadable ({e})") from None
+        _check_adapter_config(self.config, cfg_path)
         if self.config.get("peft_type", "LORA") != "LORA":
             raise MergeInputError(cfg_path, f"peft_type {self.config.get('peft_type')!r} is not LORA")
         if self.config.get("use_dora"):
@@ -208,6 +209,12 @@ class PeftAdapterReader:
             self._modules[module + ".weight"] = (ab["A"], ab["B"])
         if not self._modules:
             raise MergeInputError(weights, "holds no LoRA weights")
+        for key, (a, _) in self._modules.items():
+            module = key[: -len(".weight")]
+            r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
+            if self._file.shape(a)[0] != r:
+                raise MergeInputError(cfg_path, f"says rank {r} for '{module}' but {PEFT_WEIGHTS} holds rank "
+                                      f"{self._file.shape(a)[0]} (r / rank_pattern do not match the weights)")
 
     def scale(self, key: str) -> float:
         module = key[: -len(".weight")]
@@ -237,6 +244,41 @@ class PeftAdapterReader:
         if self.fan_in_fan_out:  # stored transposed (Conv1D layers): dW^T = B A -> dW = A^T B^T
             return LowRank(A.T, B.T, self.scale(key))
         return LowRank(B, A, self.scale(key))
+
+
+def _check_adapter_config(config, path) -> None:
+    """The fields the merge reads have the types PEFT writes; anything else is named."""
+    if not isinstance(config, dict):
+        raise MergeInputError(path, f"must hold a JSON object, got {type(config).__name__}")
+
+    def positive_number(name, value, integer):
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+            kind = "a positive integer" if integer else "a positive number"
+            raise MergeInputError(path, f"{name} must be {kind}, got {value!r}")
+
+    if "r" in config:
+        positive_number("r", config["r"], integer=True)
+    if "lora_alpha" in config:
+        positive_number("lora_alpha", config["lora_alpha"], integer=False)
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise MergeInputError(path, f"{field} must be a mapping of module patterns to values, got {pattern!r}")
+        for module, value in pattern.items():
+            positive_number(f"{field}[{module!r}]", value, integer)
+            try:
+                re.compile(module)
+            except re.error as e:
+                raise MergeInputError(path, f"{field} key {module!r} is not a valid pattern ({e})") from None
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if field in config and config[field] is not None and not isinstance(config[field], bool):
+            raise MergeInputError(path, f"{field} must be true or false, got {config[field]!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise MergeInputError(path, f"base_model_name_or_path must be a string, got {base!r}")
 
 
 def _pattern_value(patterns: dict, module: str, default):

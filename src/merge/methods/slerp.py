@@ -49,6 +49,10 @@ class Slerp(MergeMethod):
         def __post_init__(self):
             if not 0.0 <= self.t <= 1.0:
                 raise ValueError(f"slerp: t must be in [0, 1], got {self.t}")
+            if not 0.0 <= self.dot_threshold <= 1.0:
+                raise ValueError(f"slerp: dot_threshold is a |cosine| in [0, 1], got {self.dot_threshold}")
+            if not self.eps >= 0.0:
+                raise ValueError(f"slerp: eps must be >= 0, got {self.eps}")
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
         if state.num_tasks != 2:
