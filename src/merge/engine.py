@@ -108,7 +108,15 @@ class MergeEngine:
         self.tasks = [open_task(t, ckpt_prefix=ckpt_prefix) for t in tasks]
         self.declared_base = self._common_declared_base()
         self.base_note: Optional[str] = None
-        if base is None and self.declared_base is not None:
+        if isinstance(base, str) and base and not os.path.exists(base):  # a hub id: the local cache
+            if self.declared_base is not None and canonical_base(base) != canonical_base(self.declared_base):
+                raise MergeInputError(base, f"is not the base model the task models record ({self.declared_base!r})")
+            local = resolve_base(base)
+            if local is None:
+                raise MergeInputError(base, "is neither a file or directory nor a model in the local Hugging Face cache")
+            self.base_note = f"base model {base} found at {local}"
+            base = str(local)
+        elif base is None and self.declared_base is not None:
             local = resolve_base(self.declared_base)
             if local is not None:
                 base = local

@@ -386,3 +386,24 @@ def test_dense_merge_onto_a_base_directory_loads_with_transformers(tmp_path):
         want = merged.get(k, v)
         torch.testing.assert_close(state[k], want)
     assert "ties" in (out / "README.md").read_text()
+
+
+def test_base_given_as_a_hub_id_is_resolved_from_the_local_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "0123abcd"
+    _hf_base(snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    tasks = _task_dirs(tmp_path / "ckpt", n=2, base_id="org/tiny")
+    by_id = merge("ties", tasks, base="org/tiny", progress=False).tensors
+    by_path = merge("ties", tasks, base=snapshot, progress=False).tensors
+    for k in by_path:
+        torch.testing.assert_close(by_id[k], by_path[k])
+    with pytest.raises(MergeInputError, match="not the base model the task models record"):
+        merge("ties", tasks, base="org/other", progress=False)
+    with pytest.raises(MergeInputError, match="nor a model in the local Hugging Face cache"):
+        merge("ties", _task_dirs(tmp_path / "ckpt2", n=2, base_id="org/other"), base="org/other", progress=False)
