@@ -158,6 +158,9 @@ def clean_debris(target, report=None) -> list[str]:
             if pid is not None and not _pid_alive(pid):
                 _remove(entry)
                 messages.append(f"removed {entry}, a partial output of an interrupted run (process {pid})")
+            elif pid is not None and pid != os.getpid():
+                messages.append(f"process {pid} is writing {target} too ({entry}); "
+                                "if it finishes first, this run will fail and leave its output")
             elif pid is None:
                 messages.append(f"found {entry}, a partial output of an earlier run; remove it if no run is writing {target}")
             continue
@@ -256,7 +259,9 @@ class atomic_directory:
             raise OutputError(self.target, "another process wrote this output while this run was writing it; "
                               "this run's result was discarded (run it again to replace theirs)")
         old = None
-        if os.path.lexists(self.target):
+        # Only what check_output accepted is moved aside. With nothing there before, the rename
+        # below fails (ENOTEMPTY) if a concurrent writer has just put its output in place.
+        if self._before is not None and os.path.lexists(self.target):
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             try:
                 os.rename(self.target, old)
@@ -265,6 +270,11 @@ class atomic_directory:
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
+            if old is not None and _identity(old) != self._before:  # theirs, renamed in since the check
+                os.rename(old, self.target)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputError(self.target, "another process wrote this output at the same time; "
+                                  "this run's result was discarded (run it again to replace theirs)")
         try:
             os.rename(self.tmp, self.target)
         except OSError as e:

@@ -7,7 +7,10 @@ method's ``Params``). ``--list`` prints every method with its hyperparameters.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import re
 import sys
 from typing import Optional
 
@@ -108,6 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "--list" in argv:
         print_methods()
         return 0
+    output = None
     try:
         method = _method_name(argv)
         if method is not None and method not in list_methods():
@@ -115,15 +119,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = build_parser(method).parse_args(argv)
         if not cfg.output:
             raise UsageError("--output is required: name a new directory for the merged model")
+        output = cfg.output
         result = merge(cfg.method, cfg.tasks, base=cfg.base, output=cfg.output, params=_params_dict(cfg),
                        device=cfg.device, save_as=cfg.save_as, progress=cfg.progress, ckpt_prefix=cfg.ckpt_prefix,
                        overwrite=cfg.overwrite)
     except (UsageError, MergeInputError, OutputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     except OSError as e:  # read-only or full disk, permissions: name the path
-        where = e.filename or cfg_output(argv)
-        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {os_error_path(e, output or cfg_output(argv))}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
@@ -132,6 +136,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(json.dumps({k: info[k] for k in ("method", "params", "save_as", "wall_time_s", "peak_rss_bytes")}, default=str))
     print(f"wrote {result.output}")
     return 0
+
+
+#: A failed write: the output is to blame, not the file being copied into it.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def os_error_path(e: OSError, output: str) -> str:
+    """The path an ``OSError`` is about, as the user knows it.
+
+    A failed write names the output: ``shutil.copyfile`` reports the source (the base's
+    ``config.json``) as ``filename`` and the destination as ``filename2``, and a file inside
+    the hidden temporary directory (``.NAME.PID.*.tmp``, removed by now) is named by its
+    place in the output.
+    """
+    write = e.errno in _WRITE_ERRNOS
+    path = e.filename2 if write and e.filename2 is not None else e.filename
+    if path is None or isinstance(path, int):
+        return output
+    path = os.fsdecode(path)
+    out = os.path.abspath(output)
+    hidden = re.compile(rf"\.{re.escape(os.path.basename(out))}\.\d+\..*\.tmp")
+    rel = os.path.relpath(os.path.abspath(path), os.path.dirname(out))
+    first, _, rest = rel.partition(os.sep)
+    if hidden.fullmatch(first):
+        return os.path.join(output, rest) if rest else output
+    return path
 
 
 def cfg_output(argv: list[str]) -> str:

@@ -153,15 +153,45 @@ class LightningCheckpointReader(StateDictReader):
         if not path.is_file():
             raise MergeInputError(path, "does not exist")
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                # a legacy (non-zip) torch.save file cannot be memory-mapped: read it into memory
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise MergeInputError(path, f"cannot be loaded with torch.load(weights_only=True) ({e})") from None
+            raise MergeInputError(path, _torch_load_problem(e, path)) from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise MergeInputError(path, "holds no state_dict of tensors")
         if prefix:
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         super().__init__(state, str(path), kind="full")
+
+
+def _torch_load_problem(e: Exception, path: Path) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: torch's message spans
+    paragraphs, with terminal colour codes and the advice to retry with ``weights_only=False``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"(?i)unsupported (?:global:? )?GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"holds pickled Python objects or code (GLOBAL {found.group(1)}), not only tensors; it was not "
+                "unpickled (checkpoints are read with torch.load(weights_only=True))")
+    if "Weights only load failed" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = detail.group(1).strip() if detail else "not a checkpoint of tensors"
+        return f"is corrupt or not a torch checkpoint of tensors (torch.load(weights_only=True): {detail})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    try:
+        import zipfile
+
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK" and not zipfile.is_zipfile(path):
+                return f"is truncated or corrupt: a torch zip checkpoint without its central directory ({first})"
+    except OSError:
+        pass
+    return f"cannot be loaded with torch.load(weights_only=True) ({first})"
 
 
 class PeftAdapterReader:

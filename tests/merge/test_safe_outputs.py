@@ -407,3 +407,112 @@ def test_base_given_as_a_hub_id_is_resolved_from_the_local_cache(tmp_path, monke
         merge("ties", tasks, base="org/other", progress=False)
     with pytest.raises(MergeInputError, match="nor a model in the local Hugging Face cache"):
         merge("ties", _task_dirs(tmp_path / "ckpt2", n=2, base_id="org/other"), base="org/other", progress=False)
+
+
+# ----- found by benchmarks/fault_matrix.py -------------------------------------------------
+def test_a_full_disk_while_copying_the_base_files_names_the_output_not_the_input(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from src.merge import model_files
+
+    def no_space(src, dst, *args, **kwargs):  # what shutil.copyfile raises on ENOSPC (sendfile)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+
+    _hf_base(tmp_path / "pretrained")
+    tasks = _task_dirs(tmp_path / "ckpt", n=2)
+    monkeypatch.setattr(model_files.shutil, "copyfile", no_space)
+    monkeypatch.chdir(tmp_path)
+    assert _cli("--method", "ties", "--base", "pretrained", "--tasks", json.dumps(tasks), "--output", "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: out/config.json: {os.strerror(errno.ENOSPC)}"  # not the base's config.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "pretrained"]
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_writer_committing_right_after_our_race_check_is_not_replaced(tmp_path, monkeypatch, earlier):
+    """The other writer renames its output into place between this run's check and its rename:
+    this run must fail and leave theirs, not move theirs aside and delete it."""
+    import src.safe_output as so
+
+    target = tmp_path / "out"
+    if earlier:
+        target.mkdir()
+        (target / "merge.json").write_text("{}")
+    real, calls = so._identity, []
+
+    def identity(path):
+        result = real(path)
+        calls.append(path)
+        if len(calls) == 2:  # the commit's check has just passed: the other writer commits now
+            if target.exists():
+                target.rename(tmp_path / "earlier-moved-by-them")
+            target.mkdir()
+            (target / "theirs").write_text("2")
+        return result
+
+    monkeypatch.setattr(so, "_identity", identity)
+    with pytest.raises(OutputError, match="another process"):
+        with atomic_directory(target) as d:
+            (d / "mine").write_text("1")
+    assert sorted(p.name for p in target.iterdir()) == ["theirs"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_concurrent_writer_of_the_same_output_is_reported_not_removed(tmp_path, capsys):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = tmp_path / f".out.{alive.pid}.abc.tmp"
+        theirs.mkdir()
+        (theirs / "model.safetensors").write_text("half")
+        with atomic_directory(tmp_path / "out") as d:
+            (d / "f").write_text("1")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert f"process {alive.pid} is writing" in capsys.readouterr().err
+    assert (theirs / "model.safetensors").read_text() == "half"
+
+
+class _Payload:
+    """Unpickling this would create a directory."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("payload", ["reduce", "object"])
+def test_a_pickle_payload_is_refused_in_one_line_without_unsafe_advice(tmp_path, capsys, payload):
+    base = base_model()
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    save_file(full_task_state(base, 0), str(tmp_path / "t0.safetensors"))
+    marker = tmp_path / "PWNED"
+    obj = _Payload(str(marker)) if payload == "reduce" else {"w": __import__("collections").OrderedDict, "x": _Payload}
+    torch.save({"state_dict": {"layers.0.q_proj.weight": obj}}, tmp_path / "evil.ckpt")
+    rc = _cli("--method", "ties", "--base", tmp_path / "base.safetensors", "--tasks",
+              json.dumps([str(tmp_path / "t0.safetensors"), str(tmp_path / "evil.ckpt")]), "--output", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists() and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'evil.ckpt'}: "), err
+    assert "GLOBAL" in err and "weights_only=False" not in err and "weights_only` set to `False" not in err
+    assert "\x1b[" not in err
+
+
+def test_legacy_and_truncated_torch_checkpoints(tmp_path, capsys):
+    base = base_model()
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    states = [full_task_state(base, i) for i in range(2)]
+    torch.save({"state_dict": states[0]}, tmp_path / "zip.ckpt")
+    torch.save({"state_dict": states[1]}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    tasks = [str(tmp_path / "zip.ckpt"), str(tmp_path / "legacy.ckpt")]  # a legacy file cannot be mmapped
+    merged = merge("task_arithmetic", tasks, base=tmp_path / "base.safetensors", params={"lam": 1.0}, progress=False).tensors
+    key = "layers.0.q_proj.weight"
+    torch.testing.assert_close(merged[key], states[0][key] + states[1][key] - base.state_dict()[key])
+    data = (tmp_path / "zip.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    rc = _cli("--method", "ties", "--base", tmp_path / "base.safetensors", "--tasks",
+              json.dumps([tasks[0], str(tmp_path / "cut.ckpt")]), "--output", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cut.ckpt: is truncated or corrupt" in err
