@@ -6,6 +6,11 @@ method's ``Params``). ``--list`` prints every method with its hyperparameters.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the CLI, not an import: torch's threads = the cores free now
+    from .memory import use_free_cores
+
+    use_free_cores()
+
 import dataclasses
 import errno
 import json

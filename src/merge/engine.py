@@ -203,12 +203,28 @@ class MergeEngine:
         return self.out_dtype(name).is_floating_point
 
     def _check_finite(self, tensor: torch.Tensor, path, name: str) -> None:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # The sum is NaN or inf whenever an entry is (and when it overflows): only then is
+        # every entry tested. One read of the tensor instead of isfinite's passes and mask
+        # (bf16, 65M entries: 10 ms instead of 860 ms).
+        if (tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum()))
+                and not bool(torch.isfinite(tensor).all())):
             raise MergeInputError(path, f"tensor '{name}' contains NaN or inf")
 
     def group(self, name: str) -> TensorGroup:
-        """Load one parameter from every input, as task updates in the compute dtype/device."""
+        """Load one parameter from every input, as task updates in the compute dtype/device.
+
+        Linear methods (``streams_linear``: average, task arithmetic) on the CPU whose inputs
+        are all safetensors get :class:`~src.merge.methods.average.StreamedTensor` s instead:
+        nothing is loaded here, ``finalize`` streams the merged tensor through the cache.
+        """
         dtype, dev = self.method.compute_dtype, self.device
+        readers = self.tasks + ([self.base] if self.base is not None and self.group_needs_base else [])
+        if getattr(self.method, "streams_linear", False) and dev.type == "cpu" and all(
+                hasattr(r, "read_into") for r in readers):
+            from .methods.average import StreamedTensor
+
+            return TensorGroup(name=name, base=StreamedTensor(self.base, name) if len(readers) > len(self.tasks) else None,
+                               updates=[StreamedTensor(t, names[name]) for t, names in zip(self.tasks, self._names)])
         base = None
         if self.base is not None and self.group_needs_base:
             base = self.base.load(name)
@@ -225,7 +241,7 @@ class MergeEngine:
                 self._check_finite(raw, t.path, name)
                 u = raw.to(device=dev, dtype=dtype)
                 if base is not None:
-                    u = u - base
+                    u = u - base if u is raw else u.sub_(base)  # never modify a caller's tensor
             if isinstance(u, LowRank) and not self.method.accepts_low_rank:
                 u = u.dense()
             updates.append(u)
@@ -271,6 +287,10 @@ class MergeEngine:
 
         ``base``: ``W0`` when the caller already loaded it (else it is read here, once).
         """
+        from .methods.average import StreamedSum
+
+        if isinstance(update, StreamedSum):  # streamed linear merge: computed here, chunk by chunk
+            return update.dense(self._check_finite) if as_update else update.merged(self.out_dtype(name), self._check_finite)
         if as_update:
             return update
         dense = densify(update)

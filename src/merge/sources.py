@@ -3,14 +3,17 @@
 Every reader exposes ``path``, ``keys()`` (base-model parameter names), ``shape(key)``,
 ``dtype(key)`` and ``load(key)``. Task readers also say ``kind``: ``"lora"`` readers return
 :class:`LowRank` task updates, ``"full"`` readers return task *weights* (the engine
-subtracts the base). Nothing is read until ``load``; safetensors files are opened per
-tensor so the memory map never pins a whole checkpoint in resident memory.
+subtracts the base). Nothing is read until ``load``; safetensors files are read with
+positioned reads, never memory-mapped, so resident memory holds only what was loaded.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import struct
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -27,33 +30,41 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-#: Files up to this size keep one open handle (adapters: hundreds of tiny tensors); larger
-#: ones are opened per tensor so their memory map never pins the whole file in RAM.
-PERSISTENT_HANDLE_MAX_BYTES = 64 << 20
-
-
 class SafetensorsReader:
-    """A safetensors file, or a sharded checkpoint given by its ``*.index.json``."""
+    """A safetensors file, or a sharded checkpoint given by its ``*.index.json``.
+
+    The headers are validated by ``safetensors`` once, when the reader opens; tensors are then
+    read with positioned reads (``os.preadv``) from one descriptor per file into memory of
+    their own. Nothing is memory-mapped, so no page of an input file ever counts in this
+    process's resident memory, and no file is reopened or its header parsed again per
+    tensor. ``read_into`` reads any element range of a tensor into a caller's buffer: the
+    engine streams element-wise merges through small reused buffers.
+    """
 
     kind = "full"
 
     def __init__(self, path):
         self.path = Path(path)
-        self._handles: dict[Path, Any] = {}
-        self._where: dict[str, Path] = {}
+        self._fds: dict[Path, int] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, absolute offset, bytes)
         self._meta: dict[str, tuple[torch.Size, torch.dtype]] = {}
         files = self._shards()
         for file in files:
             try:
-                with safe_open(str(file), framework="pt") as f:
+                with safe_open(str(file), framework="pt") as f:  # validates header, offsets, size
                     for key in f.keys():
                         sl = f.get_slice(key)
-                        self._where[key] = file
                         self._meta[key] = (torch.Size(sl.get_shape()), _dtype(sl.get_dtype(), file))
+                spans = _data_spans(file)
             except MergeInputError:
                 raise
             except Exception as e:  # safetensors raises several types for corrupt files
                 raise MergeInputError(file, f"not a readable safetensors file ({e})") from None
+            for key, (offset, nbytes) in spans.items():
+                shape, dtype = self._meta[key]
+                if nbytes != shape.numel() * dtype.itemsize:
+                    raise MergeInputError(file, f"tensor '{key}' has {nbytes} bytes, expected {shape} {dtype}")
+                self._where[key] = (file, offset, nbytes)
 
     def _shards(self) -> list[Path]:
         if not self.path.exists():
@@ -81,20 +92,64 @@ class SafetensorsReader:
         return self._meta[key][1]
 
     def load(self, key: str) -> torch.Tensor:
-        return self.load_many([key])[0]
+        shape, dtype = self._meta[key]
+        flat = torch.empty(shape.numel(), dtype=dtype)
+        self.read_into(key, 0, flat)
+        return flat.view(shape)
 
     def load_many(self, keys: list[str]) -> list[torch.Tensor]:
-        """Several tensors of one file (large files: one open, unmapped afterwards)."""
-        file = self._where[keys[0]]
+        return [self.load(k) for k in keys]
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Elements ``start .. start + out.numel()`` of the flattened tensor, into ``out``
+        (contiguous, of the tensor's dtype)."""
+        file, offset, nbytes = self._where[key]
+        size = out.element_size()
+        want, pos = out.numel() * size, offset + start * size
+        if out.dtype != self._meta[key][1] or not out.is_contiguous() or start < 0 or pos + want > offset + nbytes:
+            raise ValueError(f"read_into('{key}', {start}): {out.numel()} {out.dtype} elements do not fit the tensor")
+        if want == 0:
+            return
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
-            if file in self._handles or file.stat().st_size <= PERSISTENT_HANDLE_MAX_BYTES:
-                if file not in self._handles:
-                    self._handles[file] = safe_open(str(file), framework="pt")
-                return [self._handles[file].get_tensor(k) for k in keys]
-            with safe_open(str(file), framework="pt") as f:
-                return [f.get_tensor(k) for k in keys]
-        except Exception as e:
-            raise MergeInputError(file, f"cannot read tensor(s) {keys} ({e})") from None
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [buf[got:]], pos + got)
+                if n <= 0:
+                    raise MergeInputError(file, f"is truncated: tensor '{key}' needs bytes up to {offset + nbytes}, "
+                                                f"the file has {os.fstat(fd).st_size}")
+                got += n
+        except OSError as e:
+            raise MergeInputError(file, f"cannot read tensor '{key}' ({e})") from None
+        if not _LITTLE_ENDIAN and size > 1:  # safetensors stores little-endian values
+            b = out.view(-1).view(torch.uint8).numpy().reshape(-1, size)
+            b[:] = b[:, ::-1].copy()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """``key -> (absolute byte offset, byte length)`` from a safetensors header."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 _ST_DTYPES = {

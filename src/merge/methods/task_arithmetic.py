@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 
 from ..registry import MergeMethod, TensorGroup, register
-from ..updates import Update, weighted_sum
+from ..updates import Update
+from .average import linear_combination
 
 
 @register
@@ -14,6 +15,7 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     accepts_low_rank = True  # LoRA inputs stay factored: the merge is a concatenation
+    streams_linear = True  # dense safetensors inputs are streamed (see methods/average.py)
 
     @dataclass
     class Params:
@@ -36,4 +38,4 @@ class TaskArithmetic(MergeMethod):
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> Update:
         n = state.num_tasks
         coef = params.lam if params.reduce == "sum" else params.lam / n
-        return weighted_sum(state.updates, [coef] * n)
+        return linear_combination(state, [coef] * n, self.compute_dtype)
