@@ -187,7 +187,7 @@ def _umask() -> int:
     return mask
 
 
-class _SigtermAsInterrupt:
+class sigterm_as_interrupt:
     """While active (main thread only), SIGTERM raises ``KeyboardInterrupt`` like SIGINT."""
 
     def __enter__(self):
@@ -223,9 +223,14 @@ class atomic_directory:
     decide what may be replaced.
     """
 
-    def __init__(self, target, report=None):
+    _UNCHECKED = object()
+
+    def __init__(self, target, report=None, expect=_UNCHECKED):
+        """``expect``: :func:`output_identity` of ``target`` when :func:`check_output` accepted
+        it; if something else sits there when writing starts, this run stops before writing."""
         self.target = Path(target)
         self.report = report
+        self.expect = expect
 
     def __enter__(self) -> Path:
         parent = self.target.parent
@@ -234,13 +239,16 @@ class atomic_directory:
         except OSError as e:
             raise OutputError(parent, f"cannot create the output's parent directory ({e.strerror})") from None
         clean_debris(self.target, self.report)
-        self._before = _identity(self.target)  # what check_output accepted replacing
+        self._before = output_identity(self.target)  # what check_output accepted replacing
+        if self.expect is not atomic_directory._UNCHECKED and self._before != self.expect:
+            raise OutputError(self.target, "was created or changed by another process after it was checked; "
+                              "nothing was written (check the path and run again)")
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
         except OSError as e:
             raise OutputError(parent, f"cannot write here ({e.strerror})") from None
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are for the group too
-        self._signals = _SigtermAsInterrupt().__enter__()
+        self._signals = sigterm_as_interrupt().__enter__()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -254,7 +262,7 @@ class atomic_directory:
             self._signals.__exit__(None, None, None)
 
     def _commit(self) -> None:
-        if _identity(self.target) not in (None, self._before):
+        if output_identity(self.target) not in (None, self._before):
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise OutputError(self.target, "another process wrote this output while this run was writing it; "
                               "this run's result was discarded (run it again to replace theirs)")
@@ -270,7 +278,7 @@ class atomic_directory:
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
-            if old is not None and _identity(old) != self._before:  # theirs, renamed in since the check
+            if old is not None and output_identity(old) != self._before:  # theirs, renamed in since the check
                 os.rename(old, self.target)
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise OutputError(self.target, "another process wrote this output at the same time; "
@@ -294,11 +302,11 @@ class atomic_directory:
             _remove(old)
 
 
-def _identity(path: Path):
-    """Which file system object sits at ``path`` (``None``: nothing)."""
+def output_identity(path) -> Optional[tuple]:
+    """Which file system object sits at ``path`` (``None``: nothing): to notice a change."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
@@ -314,5 +322,11 @@ def check_free_space(directory, needed_bytes: int) -> None:
     except OSError:
         return  # the filesystem does not report it: the write itself will tell
     if needed_bytes > free:
-        raise OutputError(directory, f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
-                                     f"are free on its filesystem")
+        raise OutputError(directory, f"needs {_size(needed_bytes)} but only {_size(free)} are free on its filesystem")
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} bytes"

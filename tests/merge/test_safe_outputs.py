@@ -333,7 +333,7 @@ def test_unwritable_output_and_a_full_disk_are_named_before_merging(tmp_path, mo
     base = _hf_base(tmp_path / "pretrained")
     assert _cli("--method", "ties", "--base", base, "--tasks", json.dumps(tasks), "--output", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "GiB are free on its filesystem" in err and not (tmp_path / "out").exists()
+    assert "but only 100 bytes are free on its filesystem" in err and not (tmp_path / "out").exists()
 
 
 # ----- 9. the recorded base is the default; --list says what each method needs ------------
@@ -438,7 +438,7 @@ def test_a_writer_committing_right_after_our_race_check_is_not_replaced(tmp_path
     if earlier:
         target.mkdir()
         (target / "merge.json").write_text("{}")
-    real, calls = so._identity, []
+    real, calls = so.output_identity, []
 
     def identity(path):
         result = real(path)
@@ -450,7 +450,7 @@ def test_a_writer_committing_right_after_our_race_check_is_not_replaced(tmp_path
             (target / "theirs").write_text("2")
         return result
 
-    monkeypatch.setattr(so, "_identity", identity)
+    monkeypatch.setattr(so, "output_identity", identity)
     with pytest.raises(OutputError, match="another process"):
         with atomic_directory(target) as d:
             (d / "mine").write_text("1")
@@ -516,3 +516,34 @@ def test_legacy_and_truncated_torch_checkpoints(tmp_path, capsys):
               json.dumps([tasks[0], str(tmp_path / "cut.ckpt")]), "--output", tmp_path / "out")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "cut.ckpt: is truncated or corrupt" in err
+
+
+def test_an_output_created_after_the_check_is_not_replaced(tmp_path):
+    from src.safe_output import output_identity
+
+    target = tmp_path / "out"
+    accepted = output_identity(target)  # nothing there when checked
+    target.mkdir()
+    (target / "theirs").write_text("1")
+    with pytest.raises(OutputError, match="after it was checked"):
+        with atomic_directory(target, expect=accepted) as d:
+            (d / "mine").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "theirs").is_file()
+
+
+def test_sigterm_before_writing_exits_like_ctrl_c(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import src.merge.__main__ as cli
+        def slow_merge(*a, **k):
+            print("merging", flush=True)
+            time.sleep(60)
+        cli.merge = slow_merge
+        sys.exit(cli.main(["--method", "average", "--tasks", "[a, b]", "--output", {str(tmp_path / 'out')!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "merging"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted: no output was written" in err

