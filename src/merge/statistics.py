@@ -51,17 +51,42 @@ def _buckets(values: torch.Tensor) -> torch.Tensor:
     return (bits & 0x7FFFFFFF) >> _BUCKET_SHIFT
 
 
+class TopKThresholds(list):
+    """Per-task trim thresholds (the list itself, floats) and their tie quotas.
+
+    Low-precision (bf16) updates take few distinct magnitudes, so many entries can equal
+    the ``k``-th largest one; keeping all of them kept up to 28% more than ``density`` asks
+    for on a real bf16 model. Exactly ``k`` are kept instead, with this tie-break: among the
+    entries equal to the threshold, those first in (tensor order of the reduction's pass,
+    flat row-major index) order are kept. ``tie_quota(name)`` says, per task, how many of
+    tensor ``name``'s tied entries (the first ones, row-major) to keep; ``None`` for a task
+    (or for the whole list) means keep all of them, i.e. plain ``|x| >= threshold``. Quotas
+    are stored by tensor name, so tensors may be merged in any order.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = (), quotas: Optional[list[dict[str, int]]] = None):
+        super().__init__(thresholds)
+        self.quotas = quotas or [{} for _ in self]  # per task: name -> tied entries kept, where not all
+
+    def tie_quota(self, name: str) -> Optional[list[Optional[int]]]:
+        """Per task, the number of threshold-tied entries of ``name`` to keep (``None``: all)."""
+        q = [d.get(name) for d in self.quotas]
+        return None if all(v is None for v in q) else q
+
+
 class TopKThreshold(GlobalReduction):
-    """Per task, the exact ``k``-th largest magnitude over all tensors, ``k = int(density * N)``.
+    """Per task, the exact top ``k`` magnitudes over all tensors, ``k = int(density * N)``.
 
-    Keeping ``|x| >= threshold`` then keeps exactly the top ``k`` entries of each task over
-    the whole model (ties at the threshold aside), like a ``topk`` over the flattened model,
-    without ever holding the flattened model: pass 1 histograms a monotone bucket of every
-    magnitude, pass 2 gathers only the entries of the bucket that holds the ``k``-th value
-    and selects exactly among them (in the values' own precision).
+    Like a ``topk`` over the flattened model without ever holding the flattened model:
+    pass 1 histograms a monotone bucket of every magnitude, pass 2 gathers only the entries
+    of the bucket that holds the ``k``-th value and selects exactly among them (in the
+    values' own precision). Entries tied with the ``k``-th value all sit in that bucket, so
+    the same pass counts them per tensor, and :class:`TopKThresholds` records how many each
+    tensor keeps (exactly ``k`` in all; see there for the tie-break). With continuous
+    values ties are rare and no quota is recorded: the trim is just ``|x| >= threshold``.
 
-    The result is a list of per-task thresholds (``inf`` when ``k == 0``: keep nothing;
-    ``0`` when ``k == N``: keep everything).
+    The result is a :class:`TopKThresholds` (``inf`` when ``k == 0``: keep nothing; ``0``
+    when ``k == N``: keep everything).
     """
 
     def __init__(self, values: ValuesFn, density: float, num_tasks: Optional[int] = None):
@@ -73,8 +98,8 @@ class TopKThreshold(GlobalReduction):
         self._hist: Optional[torch.Tensor] = None  # (tasks * buckets,), on the values' device
         self._count: list[int] = []
         self._target: list[tuple[int, int]] = []  # per task: (bucket, rank within bucket from the top)
-        self._cands: list[list[torch.Tensor]] = []
-        self._thresholds: list[float] = []
+        self._cands: list[list[tuple[str, torch.Tensor]]] = []  # per task: (tensor name, |x| in the bucket)
+        self._thresholds: Optional[TopKThresholds] = None
 
     def _allocate(self, n: int, device: torch.device) -> None:
         if self.num_tasks is not None and n != self.num_tasks:
@@ -130,18 +155,30 @@ class TopKThreshold(GlobalReduction):
         for t, (bucket, _) in enumerate(self._target):
             if bucket >= 0:
                 sel = flat[t][_buckets(flat[t]) == bucket]
-                if sel.numel():
-                    self._cands[t].append(sel.abs().to(torch.float64))
+                if sel.numel():  # |x| is exact in the values' own precision
+                    self._cands[t].append((name, sel.abs()))
 
-    def result(self) -> list[float]:
-        if not self._thresholds and self.num_tasks:
-            for t in range(self.num_tasks):
+    def result(self) -> TopKThresholds:
+        if self._thresholds is None:
+            thresholds, quotas = [], []
+            for t in range(self.num_tasks or 0):
                 bucket, r = self._target[t]
+                quota: dict[str, int] = {}
                 if bucket < 0:
-                    self._thresholds.append(float("inf") if r == 0 else 0.0)
-                    continue
-                cands = torch.cat(self._cands[t])
-                self._thresholds.append(float(torch.topk(cands, r).values[-1]))
+                    thresholds.append(float("inf") if r == 0 else 0.0)
+                else:
+                    cands = torch.cat([c for _, c in self._cands[t]])
+                    kth = torch.topk(cands, r).values[-1]
+                    thresholds.append(float(kth))
+                    keep = r - int((cands > kth).sum())  # tied entries to keep, >= 1
+                    if int((cands == kth).sum()) > keep:  # more ties than that: who keeps them
+                        for name, c in self._cands[t]:
+                            ties = int((c == kth).sum())
+                            if ties > keep:
+                                quota[name] = keep
+                            keep = max(keep - ties, 0)
+                quotas.append(quota)
+            self._thresholds = TopKThresholds(thresholds, quotas)
             self._cands = []
         return self._thresholds
 

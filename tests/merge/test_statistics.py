@@ -67,3 +67,21 @@ def test_per_tensor_threshold_histogram_route_equals_topk(monkeypatch, dtype, de
     by_histogram = K.topk_threshold(x, density)
     assert by_histogram == by_topk
     assert int((x.abs() >= by_histogram).sum()) == int(density * x.numel())
+
+
+def test_global_topk_tie_quota_hand_worked():
+    """Ties with the k-th magnitude: the first ones in (tensor order, row-major index) are kept.
+
+    Task 0: a = [1, -1, 2], b = [[1], [-3]]; N = 5, density 0.6 -> k = 3. Largest: 3 (b), 2 (a),
+    then the ties |1| at a[0], a[1], b[0]: only a[0] fits. Task 1 has no surplus ties.
+    """
+    from src.merge.methods._kernels import keep_mask
+
+    a = torch.tensor([[1.0, -1.0, 2.0], [5.0, 4.0, 3.0]])
+    b = torch.tensor([[[1.0], [-3.0]], [[0.5], [0.25]]])
+    res = run_reduction(TopKThreshold(lambda s: s, 0.6), lambda: [("a", a), ("b", b)])
+    assert list(res) == [1.0, 3.0]
+    assert res.tie_quota("a") == [1, None] and res.tie_quota("b") == [0, None]
+    assert res.tie_quota("not seen") is None
+    assert keep_mask(a, res, res.tie_quota("a")).tolist() == [[True, False, True], [True, True, True]]
+    assert keep_mask(b, res, res.tie_quota("b")).tolist() == [[[False], [True]], [[False], [False]]]

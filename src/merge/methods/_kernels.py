@@ -3,6 +3,12 @@
 All functions take a stacked tensor ``x`` of shape ``(n_tasks, ...)``. ``trim``,
 ``elect_sign`` and ``disjoint_mean`` are the literal three-step definition of TIES; the
 methods call the fused, chunked :func:`ties_combine`, which the tests check against them.
+
+Trimming keeps exactly ``k = int(density * N)`` entries per task, also when many entries
+tie with the ``k``-th largest magnitude (bf16 updates take few distinct values): a trim is
+a per-task threshold plus an optional *tie quota* ``q`` — keep ``|x| > threshold`` and only
+the first ``q`` entries (flat row-major order) with ``|x| == threshold``. ``None`` keeps
+every tie (plain ``|x| >= threshold``, the fast path whenever that already keeps ``k``).
 """
 from __future__ import annotations
 
@@ -17,29 +23,109 @@ from ..statistics import TopKThreshold, run_reduction
 HISTOGRAM_SELECT_MIN = 1 << 20
 
 
-def topk_threshold(values: torch.Tensor, density: float) -> float:
-    """The ``k``-th largest magnitude of ``values``, ``k = int(density * numel)``.
+TieQuota = Optional[Sequence[Optional[int]]]  # per task: tied entries kept (None: all)
 
-    ``inf`` when ``k == 0`` (keep nothing), ``0`` when ``k == numel`` (keep everything).
-    Large tensors use the exact bucket-histogram selection of
-    :class:`~src.merge.statistics.TopKThreshold` (same result, 3x faster than ``topk``).
+
+def topk_trim(values: torch.Tensor, density: float) -> tuple[float, Optional[int]]:
+    """Threshold and tie quota that keep exactly the top ``k = int(density * numel)`` of ``values``.
+
+    The threshold is the ``k``-th largest magnitude (``inf`` when ``k == 0``: keep nothing,
+    ``0`` when ``k == numel``: keep everything); the quota is ``None`` when
+    ``|x| >= threshold`` keeps exactly ``k``, else how many of the entries equal to the
+    threshold to keep (the first ones in flat row-major order). Large tensors use the exact
+    bucket-histogram selection of :class:`~src.merge.statistics.TopKThreshold` (3x faster
+    than ``topk``; it counts the ties on the way).
     """
     n = values.numel()
     k = int(density * n)
     if k == 0:
-        return float("inf")
+        return float("inf"), None
     if k == n:
-        return 0.0
+        return 0.0, None
     if n >= HISTOGRAM_SELECT_MIN:
         flat = values.detach().reshape(1, -1)
-        return run_reduction(TopKThreshold(lambda s: s, density), lambda: [("", flat)])[0]
-    return float(torch.topk(values.detach().abs().reshape(-1), k, sorted=False).values.min())
+        res = run_reduction(TopKThreshold(lambda s: s, density), lambda: [("", flat)])
+        quota = res.tie_quota("")
+        return res[0], None if quota is None else quota[0]
+    mags = values.detach().abs().reshape(-1)
+    top = torch.topk(mags, k, sorted=False).values
+    kth = top.min()
+    if int((mags >= kth).sum()) == k:  # no surplus ties (always so for continuous values)
+        return float(kth), None
+    return float(kth), int((top == kth).sum())
 
 
-def trim(x: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """Zero the entries of task ``i`` whose magnitude is below ``thresholds[i]``."""
-    t = torch.tensor(list(thresholds), dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
-    return torch.where(x.abs() >= t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+def topk_threshold(values: torch.Tensor, density: float) -> float:
+    """The ``k``-th largest magnitude of ``values``, ``k = int(density * numel)`` (see :func:`topk_trim`)."""
+    return topk_trim(values, density)[0]
+
+
+def _tie_cut(row: torch.Tensor, threshold: float, quota: int) -> int:
+    """Flat index just past the ``quota``-th entry of ``row`` equal in magnitude to ``threshold``
+    (``row.numel()`` if there are fewer). Chunked: no full-size temporary."""
+    if quota <= 0:
+        return 0
+    row, seen = row.reshape(-1), 0
+    for start in range(0, row.numel(), CHUNK_ENTRIES):
+        eq = row[start:start + CHUNK_ENTRIES].abs() == threshold
+        c = int(eq.sum())
+        if seen + c >= quota:
+            return start + int(eq.nonzero()[quota - seen - 1]) + 1
+        seen += c
+    return row.numel()
+
+
+class _Trim:
+    """The trim rule of a stacked tensor, handed out per block of flat columns.
+
+    Task ``i`` keeps ``|x| >= t_i`` at columns before ``cut_i`` and ``|x| > t_i`` from
+    ``cut_i`` on, which keeps ``|x| > t_i`` plus the first ``q_i`` ties (``cut_i`` is just
+    past the ``q_i``-th tie; no quota: ``cut_i = numel``, the plain rule). Strict ``>`` is
+    ``>=`` the next representable value, so a block that does not straddle a cut still
+    uses one threshold per task: a ``(n, 1)`` column, as without quotas.
+    """
+
+    def __init__(self, x: torch.Tensor, thresholds: Sequence[float], tie_quota: TieQuota = None):
+        n = x.shape[0]
+        self.t = torch.tensor(list(thresholds), dtype=x.dtype, device=x.device).unsqueeze(1)
+        self.cuts: Optional[list[int]] = None
+        if tie_quota is not None and any(q is not None for q in tie_quota):
+            flat = x.reshape(n, -1)
+            self.cuts = [flat.shape[1] if q is None else _tie_cut(flat[i], float(thresholds[i]), int(q))
+                         for i, q in enumerate(tie_quota)]
+            self.strict = torch.nextafter(self.t, torch.full_like(self.t, float("inf")))
+            self._cut_column = torch.tensor(self.cuts, device=x.device).unsqueeze(1)
+            self._columns: dict[tuple[bool, ...], torch.Tensor] = {}  # per pattern of tasks before their cut
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Thresholds for flat columns ``start:stop``: ``(n, 1)``, or ``(n, stop - start)`` if a cut falls inside."""
+        if self.cuts is None:
+            return self.t
+        if any(start < c < stop for c in self.cuts):
+            return self.at(torch.arange(start, stop, device=self.t.device))
+        key = tuple(c >= stop for c in self.cuts)
+        if key not in self._columns:
+            before = torch.tensor(key, device=self.t.device).unsqueeze(1)
+            self._columns[key] = torch.where(before, self.t, self.strict)
+        return self._columns[key]
+
+    def at(self, columns: torch.Tensor) -> torch.Tensor:
+        """Thresholds for the given flat columns: ``(n, len(columns))`` (or ``(n, 1)``)."""
+        if self.cuts is None:
+            return self.t
+        return torch.where(columns.unsqueeze(0) < self._cut_column, self.t, self.strict)
+
+
+def keep_mask(x: torch.Tensor, thresholds: Sequence[float], tie_quota: TieQuota = None) -> torch.Tensor:
+    """Boolean mask of the entries each task keeps (see the module docstring)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    return (flat.abs() >= _Trim(x, thresholds, tie_quota).block(0, flat.shape[1])).reshape(x.shape)
+
+
+def trim(x: torch.Tensor, thresholds: Sequence[float], tie_quota: TieQuota = None) -> torch.Tensor:
+    """Zero the entries of task ``i`` below ``thresholds[i]`` (and its ties beyond ``tie_quota[i]``)."""
+    return torch.where(keep_mask(x, thresholds, tie_quota), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def elect_sign(x: torch.Tensor, fill: Optional[float] = None) -> torch.Tensor:
@@ -91,15 +177,9 @@ def _trim_chunk(xc: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
     return xc if t is None else xc * (xc.abs() >= t)
 
 
-def _threshold_column(x: torch.Tensor, thresholds: Optional[Sequence[float]]) -> Optional[torch.Tensor]:
-    if thresholds is None:
-        return None
-    return torch.tensor(list(thresholds), dtype=x.dtype, device=x.device).unsqueeze(1)
-
-
 def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
-                 fill: Union[None, float, Callable[[], float]] = None) -> torch.Tensor:
-    """``disjoint_mean(elect_sign(trim(x, thresholds), fill))`` in one chunked pass.
+                 fill: Union[None, float, Callable[[], float]] = None, tie_quota: TieQuota = None) -> torch.Tensor:
+    """``disjoint_mean(elect_sign(trim(x, thresholds, tie_quota), fill))`` in one chunked pass.
 
     Same result as the three reference functions above, with temporaries bounded by
     :data:`CHUNK_ENTRIES` instead of ~a dozen copies of the stacked tensor. Entries whose
@@ -109,12 +189,12 @@ def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
     """
     n = x.shape[0]
     flat = x.reshape(n, -1)
-    t = _threshold_column(x, thresholds)
+    rule = None if thresholds is None else _Trim(x, thresholds, tie_quota)
     out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
     sign_total = torch.zeros((), dtype=x.dtype, device=x.device)
     pending = []
     for start, xc in _column_chunks(flat):
-        xt = _trim_chunk(xc, t)
+        xt = _trim_chunk(xc, None if rule is None else rule.block(start, start + xc.shape[1]))
         s = torch.sign(xt.sum(dim=0))
         # |x| where x is nonzero and of the elected sign, else 0: sum * s is the numerator
         agreeing = (xt * s).clamp_(min=0)
@@ -130,19 +210,21 @@ def ties_combine(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
         f = float(torch.sign(sign_total)) if fill is None else float(fill() if callable(fill) else fill)
         if f != 0:
             idx = torch.cat(pending)
-            agreeing = (_trim_chunk(flat[:, idx], t) * f).clamp_(min=0)
+            agreeing = (_trim_chunk(flat[:, idx], None if rule is None else rule.at(idx)) * f).clamp_(min=0)
             out[idx] = agreeing.sum(dim=0).mul_(f).div_((agreeing > 0).sum(dim=0).clamp_(min=1))
     return out.reshape(x.shape[1:])
 
 
-def elected_sign_sum(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
+def elected_sign_sum(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
+                     tie_quota: TieQuota = None) -> torch.Tensor:
     """``sum(sign(sum_i trim(x)_i))`` over the entries of one tensor (a 0-d tensor).
 
     The per-tensor term of the model-wide majority sign (original TIES' zero-sign fill).
     """
     flat = x.reshape(x.shape[0], -1)
-    t = _threshold_column(x, thresholds)
+    rule = None if thresholds is None else _Trim(x, thresholds, tie_quota)
     total = torch.zeros((), dtype=x.dtype, device=x.device)
-    for _, xc in _column_chunks(flat):
+    for start, xc in _column_chunks(flat):
+        t = None if rule is None else rule.block(start, start + xc.shape[1])
         total += torch.sign(_trim_chunk(xc, t).sum(dim=0)).sum()
     return total

@@ -19,7 +19,7 @@ from ..linalg import DEFAULT_TOL, FactoredCoefficients, dense_concat_svd, factor
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import SignSum, TopKThreshold
 from ..updates import LowRank, Update, densify
-from ._kernels import dare_drop, elected_sign_sum, ties_combine, topk_threshold
+from ._kernels import dare_drop, elected_sign_sum, ties_combine, topk_trim
 from .dare import dare_generator
 from .ties import check_scope
 
@@ -73,7 +73,9 @@ class Knots(MergeMethod):
             (default) or ``"dare_ties"``.
         lam: scaling coefficient shared by all tasks. Default 0.6 (KnOTS-TIES). Authors:
             KnOTS-DARE-TIES 0.7; KnOTS-TA = TA, 0.1 with ``sum`` (ViT-B/32).
-        density: TIES keep fraction per task. Default 0.2 (authors' top-k 20).
+        density: TIES keep fraction per task: exactly ``int(density * N)`` entries, ties
+            broken by (tensor order, row-major index of ``S V_i^T``) as in ``ties``.
+            Default 0.2 (authors' top-k 20).
         p: DARE drop probability. Default 0.1 (authors' KnOTS-DARE-TIES).
         seed: DARE mask seed (per tensor, from ``(seed, name)`` as in ``dare``). Default
             420, the first of the authors' seeds 420..424.
@@ -157,22 +159,23 @@ class Knots(MergeMethod):
     # ---------------------------------------------------------------- merge
 
     def _sparsified(self, state: KnotsState, params: Params, stats: dict):
-        """Task coefficients and trim thresholds for the sign election (DARE: dropped, no trim)."""
+        """Task coefficients, trim thresholds and tie quotas (DARE: dropped, no trim)."""
         X = state.X
         if params.base_method == "dare_ties":
-            return dare_drop(X, params.p, dare_generator(params.seed, state.name)), None
+            return dare_drop(X, params.p, dare_generator(params.seed, state.name)), None, None
         if params.trim_scope == "global":
-            return X, stats[THRESHOLDS]
-        return X, [topk_threshold(x, params.density) for x in X]
+            return X, stats[THRESHOLDS], stats[THRESHOLDS].tie_quota(state.name)
+        trims = [topk_trim(x, params.density) for x in X]
+        return X, [t for t, _ in trims], [q for _, q in trims]
 
     def merge(self, state: KnotsState, params: Params, stats: dict) -> Update:
         if params.base_method == "ta":
             merged = state.X.sum(0) if params.ta_reduce == "sum" else state.X.mean(0)
             merged.mul_(params.lam)
         else:
-            x, thresholds = self._sparsified(state, params, stats)
+            x, thresholds, quota = self._sparsified(state, params, stats)
             fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
-            merged = ties_combine(x, thresholds, fill).mul_(params.lam)
+            merged = ties_combine(x, thresholds, fill, tie_quota=quota).mul_(params.lam)
         if state.U is None:
             return merged
         if state.transposed:  # dW_m^T = U merged

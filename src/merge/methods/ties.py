@@ -4,6 +4,12 @@ Both published scopes exist as options because they change results: the original
 KnOTS / FusionBench code trims each task globally over the whole flattened model and fills
 zero signs with the model-wide majority sign; PEFT / mergekit / the per-block variant do
 both per tensor (so huge models can be merged one tensor at a time with no first pass).
+
+Either scope keeps exactly ``k = int(density * N)`` entries per task (N: the model's or
+the tensor's entries), also when magnitudes tie with the ``k``-th largest, which is
+common in bf16: among tied entries, those first in (tensor order, flat row-major index)
+order are kept (see :class:`~src.merge.statistics.TopKThresholds`). The tensor order is
+the engine's (the base model's parameter order), whatever order tensors are merged in.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..statistics import SignSum, TopKThreshold
 from ..updates import densify
-from ._kernels import elected_sign_sum, ties_combine, topk_threshold
+from ._kernels import elected_sign_sum, ties_combine, topk_trim
 
 #: Names of the global statistics in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "ties_trim_thresholds"
@@ -47,7 +53,8 @@ class Ties(MergeMethod):
         lam: scaling coefficient shared by all tasks. Default 1.0 (the TIES paper's
             recommended value for full finetunes). KnOTS authors: 0.3 (ViT-B/32 and
             ViT-L/14 LoRA).
-        density: fraction of each task's entries kept by magnitude (``k`` of top-k%).
+        density: fraction of each task's entries kept by magnitude (``k`` of top-k%):
+            exactly ``int(density * N)``, ties broken by position (module docstring).
             Default 0.2 (TIES paper, k = 20%). KnOTS authors: 0.3 (ViT-B/32), 0.2 (ViT-L/14).
         trim_scope: ``"global"`` (default; original TIES, KnOTS, FusionBench): each task's
             top-k over the whole flattened model, via a streaming exact reduction.
@@ -79,14 +86,16 @@ class Ties(MergeMethod):
             )
         return specs
 
-    def trim_inputs(self, group: TensorGroup, params: Params, stats: dict) -> tuple[torch.Tensor, list[float]]:
-        """The stacked updates of ``group`` and each task's trim threshold."""
+    def trim_inputs(self, group: TensorGroup, params: Params, stats: dict):
+        """The stacked updates of ``group``, each task's trim threshold and tie quota
+        (``None``: keep every entry tied with the threshold)."""
         x = stacked_updates(group)
         if params.trim_scope == "global":
-            return x, stats[THRESHOLDS]
-        return x, [topk_threshold(xi, params.density) for xi in x]
+            return x, stats[THRESHOLDS], stats[THRESHOLDS].tie_quota(group.name)
+        trims = [topk_trim(xi, params.density) for xi in x]
+        return x, [t for t, _ in trims], [q for _, q in trims]
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
-        x, thresholds = self.trim_inputs(state, params, stats)
+        x, thresholds, quota = self.trim_inputs(state, params, stats)
         fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
-        return ties_combine(x, thresholds, fill).mul_(params.lam)
+        return ties_combine(x, thresholds, fill, tie_quota=quota).mul_(params.lam)
