@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .sampling import train_loader_kwargs
 from .splits import SplitDataModule, get_split, holdout, load_dataset_dict, seeded_permutation
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "cifar"
@@ -183,7 +184,7 @@ class CifarSubsetDataModule(SplitDataModule):
         data = self.splits.get(split)
         if data is None:
             raise ValueError(f"task {self.task!r}: there is no {split!r} split")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        order = train_loader_kwargs(data, self.seed) if shuffle else {}
+        return DataLoader(data, batch_size=self.batch_size, **order,
                           num_workers=self.num_workers, collate_fn=self.collate_fn(split),
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())

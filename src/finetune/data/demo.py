@@ -43,6 +43,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .sampling import train_loader_kwargs
+
 Example = tuple[str, int]
 
 
@@ -344,10 +346,10 @@ class DemoDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        order = train_loader_kwargs(self.datasets[split], self.seed) if shuffle else {}
         return DataLoader(self.datasets[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, generator=generator, num_workers=self.num_workers,
-                          collate_fn=self._collate, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, collate_fn=self._collate,
+                          persistent_workers=self.num_workers > 0, **order)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .sampling import train_loader_kwargs
+
 
 def seeded_permutation(n: int, seed: int) -> np.ndarray:
     """The permutation of ``range(n)`` that every split in this package is cut from."""
@@ -179,8 +181,8 @@ class SplitDataModule(L.LightningDataModule):
         if data is None:
             raise ValueError(f"task {self.task!r}: there is no {split!r} split here "
                              f"(available: {sorted(k for k, v in self.splits.items() if v is not None)})")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        order = train_loader_kwargs(data, self.seed) if shuffle else {}
+        return DataLoader(data, batch_size=self.batch_size, **order,
                           num_workers=self.num_workers, collate_fn=self.collate_fn(),
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
