@@ -19,10 +19,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.finetune.quiet import quiet_known_noise  # noqa: E402
+
+quiet_known_noise()  # before transformers / peft / bitsandbytes are imported
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from src.finetune.export import evaluate_splits  # noqa: E402
-from src.finetune.load import load_task_model  # noqa: E402
+from src.finetune.load import build_module, load_task_model  # noqa: E402
 from src.merge import merge  # noqa: E402
-from src.finetune.models.demo_text import resolve_pretrained  # noqa: E402
+from src.pretrained import resolve_pretrained  # noqa: E402
 from src.task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TASK_JSON, read_task_info  # noqa: E402
 
 # (label, method, hyperparameters): not tuned (no validation search in the demo)
@@ -46,14 +52,26 @@ def datamodule_of(task_dir: Path):
     return dm
 
 
-def test_accuracy(task_dir: Path, merged: Path | None, dm) -> float:
+def merged_weights(merged: Path, keep: set[str]) -> dict:
+    """The tensors of a dense merged model (one file or shards with an index) that are in ``keep``
+    (a complete merged model also holds what the base file has beyond its parameters, such as
+    BERT's ``position_ids``)."""
+    index = merged / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [FULL_WEIGHTS]
+    state = {}
+    for name in files:
+        state.update(load_file(str(merged / name)))
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def test_accuracy(task_dir: Path, merged: Path | None, dm, base_keys: set[str], progress: str) -> float:
     """Test accuracy of the task's head on the merged model (None: the task's own model).
 
     A merged LoRA adapter stands in for the task's adapter; merged full weights (methods
     that densify) load as a full checkpoint: the task's task.json and head either way.
     """
     if merged is None:
-        return evaluate_splits(load_task_model(task_dir), dm, splits=("test",))["test_acc"]
+        return evaluate_splits(load_task_model(task_dir), dm, splits=("test",), progress=progress)["test_acc"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         info = json.loads((task_dir / TASK_JSON).read_text())
@@ -61,11 +79,11 @@ def test_accuracy(task_dir: Path, merged: Path | None, dm) -> float:
         if (merged / "adapter_config.json").is_file():
             shutil.copytree(merged, tmp / ADAPTER_DIR)
         else:
-            shutil.copy(merged / FULL_WEIGHTS, tmp / FULL_WEIGHTS)
+            save_file(merged_weights(merged, base_keys), str(tmp / FULL_WEIGHTS), metadata={"format": "pt"})
             info["kind"] = "full"
             info["hparams"]["module"]["init_args"]["finetune"] = "full"
         (tmp / TASK_JSON).write_text(json.dumps(info))
-        return evaluate_splits(load_task_model(tmp), dm, splits=("test",))["test_acc"]
+        return evaluate_splits(load_task_model(tmp), dm, splits=("test",), progress=progress)["test_acc"]
 
 
 def main() -> None:
@@ -80,7 +98,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = [d.name for d in task_dirs]
     dms = {d.name: datamodule_of(d) for d in task_dirs}
-    finetuned = {d.name: test_accuracy(d, None, dms[d.name]) for d in task_dirs}
+    base_keys = set(build_module(read_task_info(task_dirs[0]), task_dirs[0]).load_base().state_dict())
+    finetuned = {d.name: test_accuracy(d, None, dms[d.name], base_keys, f"finetuned {d.name}") for d in task_dirs}
     rows = [{"method": "Finetuned (one model per task)", "params": {}, "acc": finetuned,
              "norm": {n: 1.0 for n in names}}]
     # the real pretrained encoder the tasks share: adapters stay adapters (save_as="auto"),
@@ -88,7 +107,8 @@ def main() -> None:
     base = Path(resolve_pretrained(read_task_info(task_dirs[0]).base_model))
     for label, method, params in METHODS:
         res = merge(method, task_dirs, base=base, output=out / method, params=params, progress=False)
-        acc = {d.name: test_accuracy(d, out / method, dms[d.name]) for d in task_dirs}
+        acc = {d.name: test_accuracy(d, out / method, dms[d.name], base_keys, f"{label} on {d.name}")
+               for d in task_dirs}
         rows.append({"method": label, "params": res.info["params"], "merge_s": round(res.info["wall_time_s"], 2),
                      "acc": acc, "norm": {n: acc[n] / finetuned[n] for n in names}})
         print(f"{label:16s} merged in {res.info['wall_time_s']:.2f} s; mean test acc {sum(acc.values()) / len(acc):.3f}",

@@ -8,7 +8,14 @@
    with ``"last"`` the final weights are exported);
 3. when fit ends, restores the selected weights, evaluates validation and test again, and writes
    ``adapter/`` (LoRA) or ``model.safetensors`` (full, base-model parameter names),
-   ``head.safetensors`` and ``task.json`` atomically (``atomic_directory``) on global rank 0.
+   ``head.safetensors`` and ``task.json`` atomically (``atomic_directory``) on global rank 0,
+   then prints where it went and the zero-shot / finetuned accuracies.
+
+The output directory is checked when fit is set up, before the model is built or trained
+(``src/safe_output.py: check_output``): never an input of the run (a local base model, tokenizer
+or data directory the config names), the working directory or one of its parents, and never an
+existing non-empty directory that is not an earlier task checkpoint (it has no ``task.json``)
+unless ``overwrite`` is set. Replacing an earlier task checkpoint is announced.
 
 Its state (zero-shot metrics, best score and weights) is saved in Lightning checkpoints, so a
 resumed fit (``--ckpt_path``) exports the same thing an uninterrupted one would.
@@ -27,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
-from ..safe_output import atomic_directory
+from ..safe_output import TASK_MARKER, atomic_directory, check_output
 from ..task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, write_task_info
 from .base import TaskModule, jsonable
 
@@ -48,9 +55,60 @@ def resolve_output_dir(output_dir: Optional[str], task: str) -> Path:
     return Path(str(output_dir).replace("{task}", task))
 
 
+#: Init arguments of models and datamodules that name something a run reads: a base model,
+#: tokenizer / processor, data directory. Those that are existing local paths are protected.
+INPUT_ARGS = ("pretrained", "tokenizer", "processor", "clip_model", "data_root", "data_dir", "root", "hub_id")
+
+
+def input_paths(*arg_dicts) -> list[str]:
+    """The existing local paths among the input-naming arguments (``INPUT_ARGS``) of init-arg
+    dicts (a hub id such as ``openai/clip-vit-base-patch32`` is an input only when a local
+    directory of that name exists, which is then what Hugging Face loads)."""
+    found: list[str] = []
+    for args in arg_dicts:
+        for key in INPUT_ARGS:
+            value = (args or {}).get(key)
+            if isinstance(value, (str, os.PathLike)) and str(value).strip():
+                path = os.path.expanduser(str(value))
+                if os.path.exists(path) and path not in found:
+                    found.append(path)
+    return found
+
+
+def _init_args(obj) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    args = dict(getattr(obj, "hparams", {}) or {})
+    for key in INPUT_ARGS:
+        if key not in args and isinstance(getattr(obj, key, None), (str, os.PathLike)):
+            args[key] = getattr(obj, key)
+    return args
+
+
+def run_inputs(module, datamodule=None) -> list[str]:
+    """Local paths a fit of ``module`` on ``datamodule`` reads (see :func:`input_paths`)."""
+    return input_paths(_init_args(module), _init_args(datamodule))
+
+
+def format_metrics(metrics: dict) -> str:
+    """``zero-shot val 83.3 / test 75.0 -> finetuned val 93.3 / test 91.0`` (accuracy in %)."""
+    def split(stage: str) -> str:
+        m = metrics.get(stage) or {}
+        f = lambda x: "-" if x is None else f"{100 * x:.1f}"
+        return f"val {f(m.get('val_acc'))} / test {f(m.get('test_acc'))}"
+
+    return f"zero-shot {split('zeroshot')} -> finetuned {split('finetuned')}"
+
+
 @torch.no_grad()
-def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] = None) -> float:
-    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``)."""
+def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] = None,
+                      progress: Optional[str] = None) -> float:
+    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``);
+    ``progress``: show a transient progress bar with this description."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True)
     was_training = module.training
     module.eval()
     context = contextlib.nullcontext()
@@ -72,7 +130,8 @@ def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] =
     return correct / total if total else float("nan")
 
 
-def evaluate_splits(module: TaskModule, datamodule, splits=("val", "test"), trainer=None) -> dict[str, float]:
+def evaluate_splits(module: TaskModule, datamodule, splits=("val", "test"), trainer=None,
+                    progress: Optional[str] = None) -> dict[str, float]:
     out = {}
     for split in splits:
         getter = getattr(datamodule, f"{split}_dataloader", None)
@@ -84,7 +143,7 @@ def evaluate_splits(module: TaskModule, datamodule, splits=("val", "test"), trai
             continue
         if loader is None:
             continue
-        out[f"{split}_acc"] = evaluate_accuracy(module, loader, trainer)
+        out[f"{split}_acc"] = evaluate_accuracy(module, loader, trainer, f"{progress} {split}" if progress else None)
     return out
 
 
@@ -119,8 +178,13 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export_task_checkpoint(module: TaskModule, output_dir, task: str, metrics: Optional[dict] = None,
-                           extra_hparams: Optional[dict] = None) -> Path:
-    """Write ``module`` as a task-checkpoint directory (atomically) and return its path."""
+                           extra_hparams: Optional[dict] = None, inputs: Optional[list] = None,
+                           overwrite: bool = False) -> Path:
+    """Write ``module`` as a task-checkpoint directory (atomically) and return its path.
+
+    ``output_dir`` is checked first (``check_output``: ``inputs``, default the module's local
+    input paths; an existing non-empty directory without ``task.json`` needs ``overwrite``)."""
+    check_output(output_dir, run_inputs(module) if inputs is None else inputs, TASK_MARKER, overwrite)
     if module.label_names is None:
         raise RuntimeError("the module has no label_names: build it (setup) before exporting")
     hparams = module.task_hparams()
@@ -160,10 +224,14 @@ class TaskCheckpointExport(Callback):
         monitor: logged metric to select on (higher is better).
         zero_shot: evaluate the model before training (val and test).
         test: evaluate the test split (zero-shot and finetuned).
+        overwrite: replace an existing non-empty directory that is not an earlier task checkpoint
+            (without it such an ``output_dir`` is refused before training starts).
+        verbose: print where the task checkpoint went and its accuracies when fit ends.
     """
 
     def __init__(self, output_dir: Optional[str] = None, select: Literal["best", "last"] = "best",
-                 monitor: str = "val/acc", zero_shot: bool = True, test: bool = True):
+                 monitor: str = "val/acc", zero_shot: bool = True, test: bool = True,
+                 overwrite: bool = False, verbose: bool = True):
         super().__init__()
         if select not in ("best", "last"):
             raise ValueError(f"select must be 'best' or 'last', got {select!r}")
@@ -172,6 +240,8 @@ class TaskCheckpointExport(Callback):
         self.monitor = monitor
         self.zero_shot = zero_shot
         self.test = test
+        self.overwrite = overwrite
+        self.verbose = verbose
         self.zeroshot_metrics: Optional[dict[str, float]] = None
         self.best_score: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -185,10 +255,28 @@ class TaskCheckpointExport(Callback):
     def splits(self):
         return ("val", "test") if self.test else ("val",)
 
+    def target(self, trainer: L.Trainer) -> Path:
+        return resolve_output_dir(self.output_dir, task_name(trainer.datamodule))
+
+    def check_target(self, trainer: L.Trainer, pl_module: TaskModule) -> Optional[str]:
+        """Refuse (``OutputError``) an output path that would destroy data; the note to show when
+        an earlier output will be replaced."""
+        return check_output(self.target(trainer), run_inputs(pl_module, trainer.datamodule), TASK_MARKER,
+                            self.overwrite)
+
     # ----- hooks ------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: TaskModule, stage: str) -> None:
+        # before the model is built and trained: a refused path must not cost a training run
+        if stage != "fit":
+            return
+        note = self.check_target(trainer, pl_module)
+        if note and trainer.is_global_zero:
+            print(f"note: {note}", flush=True)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
         if self.zero_shot and self.zeroshot_metrics is None:
-            self.zeroshot_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer)
+            self.zeroshot_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
+                                                    self._progress(trainer, "zero-shot"))
             if trainer.is_global_zero:
                 log.info("zero-shot accuracy: %s", self.zeroshot_metrics)
 
@@ -207,7 +295,8 @@ class TaskCheckpointExport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
         if self.select == "best" and self._best_state is not None:
             self._restore(pl_module, self._best_state)
-        self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer)
+        self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
+                                                 self._progress(trainer, "finetuned"))
         finetuned = dict(self.finetuned_metrics)
         selected_step = self.best_step if self.select == "best" and self._best_state is not None else trainer.global_step
         finetuned["step"] = selected_step
@@ -219,17 +308,25 @@ class TaskCheckpointExport(Callback):
         if self.last_score is not None:
             metrics["last"] = {"val_acc": self.last_score, "step": trainer.global_step}
         task = task_name(trainer.datamodule)
-        target = resolve_output_dir(self.output_dir, task)
+        target = self.target(trainer)
         extra = {
             "selection": {"select": self.select, "monitor": self.monitor},
             "datamodule": datamodule_hparams(trainer.datamodule),
             "trainer": trainer_hparams(trainer),
         }
         if trainer.is_global_zero:
-            export_task_checkpoint(pl_module, target, task, metrics, extra)
+            export_task_checkpoint(pl_module, target, task, metrics, extra,
+                                   inputs=run_inputs(pl_module, trainer.datamodule), overwrite=self.overwrite)
             log.info("task checkpoint written to %s (%s)", target, metrics)
+            if self.verbose:
+                print(f"task checkpoint written to {target}\n  accuracy (%): {format_metrics(metrics)}", flush=True)
         trainer.strategy.barrier("task_checkpoint_export")
         self.exported_to = target
+
+    @staticmethod
+    def _progress(trainer: L.Trainer, what: str) -> Optional[str]:
+        """A bar for the evaluations outside Lightning's loops when the trainer shows progress."""
+        return f"{what} accuracy" if trainer.progress_bar_callback is not None and trainer.is_global_zero else None
 
     @staticmethod
     def _snapshot(pl_module: TaskModule) -> dict[str, torch.Tensor]:

@@ -17,8 +17,17 @@ script need). A tasks file maps task names to CLI overrides (dotted keys)::
       cloth_clipart: {data.init_args.category: cloth, data.init_args.domain: clipart}
 
 A task without any ``data.init_args.*`` override gets ``--data.init_args.task <name>``.
-``OUTPUT/T/task.json`` existing means done (``--force`` retrains); ``--resume`` continues an
-interrupted task from the newest ``last.ckpt`` under ``OUTPUT/.runs/T``.
+A complete task checkpoint at ``OUTPUT/T`` (readable ``task.json``, its weights and head) means
+done (``--force`` retrains); an incomplete one is retrained, after saying so, and replaced when
+the new one is complete. ``--resume`` continues an interrupted task from the newest
+checkpoint under ``OUTPUT/.runs/T`` (the configs save one every epoch, whatever ``val/acc``
+did) or says that there is none and starts over.
+
+Before anything is trained, every ``OUTPUT/T`` to write is checked (``src/safe_output.py``):
+never an input the config names (a local base model, tokenizer or data directory), the working
+directory or one of its parents, and never an existing non-empty directory that is not an
+earlier task checkpoint unless ``--overwrite`` is given. ``OUTPUT`` itself holds the task
+checkpoints and may exist; it must not be the working directory or one of its parents.
 """
 from __future__ import annotations
 
@@ -34,7 +43,9 @@ from typing import Optional
 
 import yaml
 
-from ..task_checkpoint import is_task_dir, read_task_info
+from ..safe_output import TASK_MARKER, OutputError, check_output
+from ..task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskCheckpointError, read_task_info
+from .export import format_metrics, input_paths
 
 
 def read_tasks_file(path) -> dict[str, dict]:
@@ -67,31 +78,88 @@ def task_args(name: str, overrides: dict) -> list[str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = sorted(run_dir.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
-    return found[-1] if found else None
+    """The newest Lightning checkpoint under ``run_dir`` (of equally new ones, ``last*.ckpt``)."""
+    found = []
+    for path in (run_dir.rglob("*.ckpt") if run_dir.is_dir() else ()):
+        try:
+            found.append((path.stat().st_mtime, path.name.startswith("last"), str(path)))
+        except OSError:  # a `last.ckpt` link whose target is gone (killed while re-linking)
+            continue
+    return Path(max(found)[2]) if found else None
+
+
+def run_dir_of(output: Path, name: str) -> Path:
+    return output / ".runs" / name
 
 
 def fit_args(configs: list[str], name: str, overrides: dict, output: Path, extra: list[str],
-             resume: bool) -> list[str]:
+             ckpt_path: Optional[Path] = None, overwrite: bool = False) -> list[str]:
     args = ["fit"]
     for cfg in configs:
         args += ["--config", cfg]
     args += task_args(name, overrides)
-    run_dir = output / ".runs" / name
-    args += ["--export.output_dir", str(output / name), "--trainer.default_root_dir", str(run_dir)]
+    args += ["--export.output_dir", str(output / name), "--trainer.default_root_dir", str(run_dir_of(output, name))]
+    args += ["--export.verbose", "false"]  # the task's line below says where it went and how good it is
+    if overwrite:
+        args += ["--export.overwrite", "true"]
     args += extra
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            args += ["--ckpt_path", str(ckpt)]
+    if ckpt_path is not None:
+        args += ["--ckpt_path", str(ckpt_path)]
     return args
 
 
-def _fmt(metrics: dict, stage: str) -> str:
-    m = metrics.get(stage) or {}
-    val, test = m.get("val_acc"), m.get("test_acc")
-    f = lambda x: "-" if x is None else f"{100 * x:.1f}"
-    return f"val {f(val)} / test {f(test)}"
+def task_checkpoint_problem(directory: Path) -> Optional[str]:
+    """``None`` when ``directory`` is a complete task checkpoint, else what is wrong with it."""
+    try:
+        info = read_task_info(directory)
+    except TaskCheckpointError as e:
+        return str(e)
+    need = [Path(ADAPTER_DIR) / "adapter_config.json", Path(ADAPTER_DIR) / "adapter_model.safetensors"] \
+        if info.kind == "lora" else [Path(FULL_WEIGHTS)]
+    for rel in need + [Path(HEAD_WEIGHTS)]:
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{path}: missing or empty"
+    return None
+
+
+def configured_inputs(configs: list[str], overrides: dict, extra: list[str]) -> list[str]:
+    """Local paths the fit of one task reads, from the model / data init args named by the
+    configs, the task's overrides and the extra LightningCLI arguments (see ``input_paths``)."""
+    args: dict[str, dict] = {"model": {}, "data": {}}
+
+    def put(key, value) -> None:
+        parts = [p for p in str(key).lstrip("-").split(".") if p != "init_args"]
+        if len(parts) == 2 and parts[0] in args:
+            args[parts[0]][parts[1]] = value
+
+    for cfg in configs:
+        data = yaml.safe_load(Path(cfg).read_text()) or {}
+        for group in args:
+            spec = data.get(group) if isinstance(data, dict) else None
+            if isinstance(spec, dict):
+                for key, value in (spec.get("init_args") or {}).items():
+                    put(f"{group}.{key}", value)
+    for key, value in overrides.items():
+        put(key, value)
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg.startswith("--") and "=" in arg:
+            put(*arg.split("=", 1))
+        elif arg.startswith("--") and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            put(arg, extra[i + 1])
+            i += 1
+        i += 1
+    return input_paths(args["model"], args["data"])
+
+
+def check_output_root(output: Path) -> None:
+    """``OUTPUT`` holds task checkpoints (it may exist), but is never the working directory, one
+    of its parents, the home or root directory, or an existing file."""
+    check_output(output, (), None, overwrite=True)  # only its refusals matter here
+    if output.exists() and not output.is_dir():
+        raise OutputError(output, "is an existing file; --output names a directory of task checkpoints")
 
 
 def run_fit(args: list[str], isolate: bool) -> None:
@@ -122,7 +190,10 @@ def parse(argv: Optional[list[str]] = None):
     p.add_argument("--tasks", nargs="+", help="task names (default: all of --tasks-file)")
     p.add_argument("--tasks-file", help="YAML: tasks -> per-task CLI overrides")
     p.add_argument("--force", action="store_true", help="retrain tasks whose checkpoint exists")
-    p.add_argument("--resume", action="store_true", help="resume from OUTPUT/.runs/TASK/**/last.ckpt when present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty OUTPUT/TASK that is not a task checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the newest OUTPUT/.runs/TASK/**/*.ckpt (says so when there is none)")
     p.add_argument("--isolate", action="store_true", help="one subprocess per task")
     p.add_argument("--keep-going", action="store_true", help="continue with the next task after a failure")
     p.add_argument("--dry-run", action="store_true", help="print the fit commands only")
@@ -139,18 +210,58 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not names:
         print("train_all: no tasks: give --tasks and/or --tasks-file", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        from .quiet import quiet_known_noise
+
+        quiet_known_noise()
     output = Path(args.output)
+    # every output is checked before anything is trained: a refused path costs no training run
+    problems, incomplete = [], {}
+    try:
+        check_output_root(output)
+    except OutputError as e:
+        problems.append(f"--output {e}")
+    for name in names:
+        target = output / name
+        if target.exists():
+            incomplete[name] = task_checkpoint_problem(target) if (target / TASK_MARKER).exists() else None
+            if (target / TASK_MARKER).exists() and incomplete[name] is None and not args.force:
+                continue  # done
+        try:
+            check_output(target, configured_inputs(args.config, table.get(name, {}), extra), TASK_MARKER,
+                         args.overwrite)
+        except OutputError as e:
+            problems.append(f"{name}: {e}")
+        except (OSError, yaml.YAMLError) as e:  # an unreadable --config
+            problems.append(f"{name}: {e}")
+    if problems:
+        for problem in problems:
+            print(f"train_all: refusing to start: {problem}", file=sys.stderr, flush=True)
+        return 2
     failures, summary = [], []
     start = time.perf_counter()
     n = len(names)
     for i, name in enumerate(names, 1):
         target = output / name
         head = f"[{i}/{n}] {name}:"
-        if is_task_dir(target) and not args.force:
+        done = (target / TASK_MARKER).exists() and not incomplete.get(name)
+        if done and not args.force:
             print(f"{head} skipped, {target} exists", flush=True)
             summary.append((name, "skipped", target))
             continue
-        cmd = fit_args(args.config, name, table.get(name, {}), output, extra, args.resume)
+        if incomplete.get(name):
+            print(f"{head} {target} is not a complete task checkpoint ({incomplete[name]}); retraining it "
+                  f"(it is replaced when the new one is complete)", flush=True)
+        ckpt = None
+        if args.resume:
+            run_dir = run_dir_of(output, name)
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                print(f"{head} nothing to resume (no checkpoint under {run_dir}); training from the start",
+                      flush=True)
+            else:
+                print(f"{head} resuming from {ckpt}", flush=True)
+        cmd = fit_args(args.config, name, table.get(name, {}), output, extra, ckpt, args.overwrite)
         if args.dry_run:
             print(f"{head} python -m src.finetune {' '.join(cmd)}", flush=True)
             continue
@@ -168,8 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 break
             continue
         dt = time.perf_counter() - t0
-        print(f"{head} done in {dt:.0f}s; zero-shot {_fmt(info.metrics, 'zeroshot')} -> "
-              f"finetuned {_fmt(info.metrics, 'finetuned')}", flush=True)
+        print(f"{head} done in {dt:.0f}s; {format_metrics(info.metrics)}", flush=True)
         summary.append((name, f"{dt:.0f}s", target))
     if not args.dry_run:
         print(f"train_all: {len(names) - len(failures)}/{n} tasks ready in {output} "

@@ -154,3 +154,58 @@ def tiny_bert_config():
     import copy
 
     return copy.deepcopy(TINY_BERT)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_tiny_demo_config(path, tiny_bert: dict, trainer: dict | None = None, model: dict | None = None,
+                           data: dict | None = None, export: dict | None = None):
+    """configs/finetune/demo.yaml with a tiny random BERT and a few examples, written to ``path``
+    (a directory: ``tiny_demo.yaml`` in it). ``trainer`` / ``model`` (init args) / ``data`` (init
+    args) / ``export`` update the defaults (2 steps, one epoch, no callbacks)."""
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(REPO, "configs", "finetune", "demo.yaml").read_text())
+    cfg["trainer"].update(max_steps=2, max_epochs=1, val_check_interval=None, callbacks=[])
+    cfg["trainer"].update(trainer or {})
+    cfg["model"]["init_args"]["model_config"] = copy.deepcopy(tiny_bert)
+    cfg["model"]["init_args"]["pretrained"] = "tiny-bert"
+    cfg["model"]["init_args"]["tokenizer"] = "sentence-transformers/all-MiniLM-L6-v2"
+    cfg["model"]["init_args"].update(model or {})
+    cfg["data"]["init_args"].update(train_size=16, val_size=8, test_size=8, batch_size=8)
+    cfg["data"]["init_args"].update(data or {})
+    cfg["export"].update(export or {})
+    out = Path(path) / "tiny_demo.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+@pytest.fixture
+def tiny_demo_config(tiny_bert_config):
+    """Factory: ``make(directory, trainer=..., model=..., data=..., export=...)`` writes a tiny demo
+    config (see :func:`write_tiny_demo_config`) and returns its path."""
+    def make(path, **kw):
+        return write_tiny_demo_config(path, tiny_bert_config, **kw)
+
+    return make
+
+
+def fake_task_checkpoint(directory, task: str = "world_cities", base_model: str = "x", complete: bool = True):
+    """A task-checkpoint directory whose files exist (their content is not a model): what
+    ``train_all`` takes for a finished task. ``complete=False`` leaves out the adapter weights."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "adapter").mkdir(parents=True)
+    (directory / "task.json").write_text(json.dumps(
+        {"task": task, "base_model": base_model, "family": "demo-text", "kind": "lora", "label_names": ["a"]}))
+    (directory / "adapter" / "adapter_config.json").write_text("{}")
+    (directory / "head.safetensors").write_bytes(b"not read")
+    if complete:
+        (directory / "adapter" / "adapter_model.safetensors").write_bytes(b"not read")
+    return directory

@@ -15,6 +15,8 @@ from src.finetune.load import load_task_model
 from src.finetune.optim import build_optimizer, lr_lambda
 from src.task_checkpoint import TaskCheckpointError, is_task_dir, read_task_info
 
+from .conftest import fake_task_checkpoint
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -253,30 +255,15 @@ def test_missing_task_json_is_clear(tmp_path):
 
 
 # ----- CLI and train_all ------------------------------------------------------------------
-def write_tiny_demo_config(tmp_path: Path, tiny_bert: dict) -> Path:
-    """configs/finetune/demo.yaml with a tiny random BERT and a few examples."""
-    cfg = yaml.safe_load((REPO / "configs" / "finetune" / "demo.yaml").read_text())
-    cfg["trainer"].update(max_steps=2, max_epochs=1, val_check_interval=None, callbacks=[])
-    cfg["model"]["init_args"]["model_config"] = tiny_bert
-    cfg["model"]["init_args"]["pretrained"] = "tiny-bert"
-    cfg["model"]["init_args"]["tokenizer"] = "sentence-transformers/all-MiniLM-L6-v2"
-    cfg["data"]["init_args"].update(train_size=16, val_size=8, test_size=8, batch_size=8)
-    path = tmp_path / "tiny_demo.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_train_all_skips_existing_task(tmp_path, tiny_bert_config, capsys):
+def test_train_all_skips_existing_task(tmp_path, tiny_demo_config, capsys):
     from src.finetune import train_all
 
-    cfg = write_tiny_demo_config(tmp_path, tiny_bert_config)
+    cfg = tiny_demo_config(tmp_path)
     out = tmp_path / "out"
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text("tasks:\n  world_cities: {}\n  color_names: {data.init_args.task: color_names}\n")
-    # world_cities already has a checkpoint (its content is not read, only its presence)
-    (out / "world_cities" / "adapter").mkdir(parents=True)
-    (out / "world_cities" / "task.json").write_text(json.dumps(
-        {"task": "world_cities", "base_model": "x", "family": "demo-text", "kind": "lora", "label_names": ["a"]}))
+    # world_cities already has a checkpoint (its files' content is not read, only their presence)
+    fake_task_checkpoint(out / "world_cities")
     rc = train_all.main(["--config", str(cfg), "--tasks-file", str(tasks), "--output", str(out)])
     lines = capsys.readouterr().out
     assert rc == 0, lines
