@@ -7,9 +7,10 @@ Where PEFT's semantics differ from ours (so inputs below avoid the difference):
 * PEFT's ``calculate_majority_sign_mask`` elects ``+1`` where the sum is exactly 0; TIES
   (and we) fill those entries with the majority sign. Random continuous data never gives
   an exact zero sum of nonzero values; ``test_ties_hand_worked`` shows the difference.
-* PEFT's magnitude prune keeps exactly ``k`` indices from ``topk``; we keep
-  ``|x| >= k-th largest``, which keeps more than ``k`` only on magnitude ties (none in
-  random continuous data).
+* PEFT's magnitude prune keeps exactly ``k`` indices from ``topk`` (which of several tied
+  entries is unspecified); we keep exactly ``k`` too, breaking ties at the threshold by
+  (tensor order, row-major index) (``test_exact_density.py``). Random continuous data has no
+  ties, so both keep the same set.
 * PEFT applies per-task ``weights`` before the disjoint mean but elects signs on the
   unweighted tensors; with one shared ``lam > 0`` that equals ``lam * disjoint_mean``.
 * PEFT draws DARE masks from the global RNG, one task after the other
