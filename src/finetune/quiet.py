@@ -67,4 +67,5 @@ def quiet_known_noise() -> None:
     except ImportError:
         return
     hf_logging.disable_progress_bar()  # "Loading weights" on every from_pretrained
-    hf_logging.set_verbosity_error()  # transformers' own warnings about expected situations
+    # transformers' own logged warnings stay on: none is known noise here, and some (weights
+    # not used / newly initialized) tell the user that a model is not what they think

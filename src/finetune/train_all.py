@@ -252,15 +252,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if incomplete.get(name):
             print(f"{head} {target} is not a complete task checkpoint ({incomplete[name]}); retraining it "
                   f"(it is replaced when the new one is complete)", flush=True)
-        ckpt = None
-        if args.resume:
-            run_dir = run_dir_of(output, name)
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None:
-                print(f"{head} nothing to resume (no checkpoint under {run_dir}); training from the start",
-                      flush=True)
-            else:
-                print(f"{head} resuming from {ckpt}", flush=True)
+        run_dir = run_dir_of(output, name)
+        ckpt = latest_checkpoint(run_dir)
+        if not args.resume:
+            if ckpt is not None:
+                print(f"{head} training from the start; {ckpt} is not used (--resume continues from it)", flush=True)
+            ckpt = None
+        elif ckpt is None:
+            print(f"{head} nothing to resume (no checkpoint under {run_dir}); training from the start", flush=True)
+        else:
+            print(f"{head} resuming from {ckpt}", flush=True)
         cmd = fit_args(args.config, name, table.get(name, {}), output, extra, ckpt, args.overwrite)
         if args.dry_run:
             print(f"{head} python -m src.finetune {' '.join(cmd)}", flush=True)

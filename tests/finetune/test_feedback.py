@@ -82,5 +82,4 @@ def test_quiet_silences_only_the_known_messages():
         finally:
             logger.removeHandler(handler)
     assert records == ["a real bitsandbytes problem", "GPU available: True (cuda), used: True"]
-    hf_logging.get_logger("transformers.modeling_utils").error("errors still show")  # not raised, not silenced
-    assert hf_logging.get_verbosity() <= logging.ERROR
+    assert hf_logging.get_verbosity() <= logging.WARNING  # transformers' warnings and errors still show
