@@ -84,7 +84,7 @@ def check_output(target, inputs: Iterable = (), marker: Optional[str] = None, ov
         raise OutputError(repr(raw), "an output path is required (got an empty string)")
     norm = os.path.normpath(raw)
     if norm in (".", "..", os.sep) or norm.endswith(os.sep + "..") or Path(norm).name in ("", ".", ".."):
-        raise OutputError(raw, "is not a name a new output can take; name a new directory, e.g. merged/ties")
+        raise OutputError(raw, "is not a name a new output can take; name a new directory")
     real = _real(raw)
     cwd = _real(os.getcwd())
     if _within(cwd, real):
