@@ -107,15 +107,16 @@ def use_free_cores(interval: float = 0.1) -> int:
 
     torch starts one OpenMP thread per core. On a machine other jobs keep busy, every parallel
     region then waits for threads the scheduler has not run yet (and by default they spin
-    while waiting): measured 5-10x slower than one thread. A user's ``OMP_NUM_THREADS`` is
-    kept as it is. ``OMP_WAIT_POLICY=PASSIVE`` (set by ``src/__init__.py`` before torch
-    loads) makes idle threads sleep instead of spinning.
+    while waiting): measured 3-12x slower than one thread. A user's ``OMP_NUM_THREADS`` is
+    kept as it is. ``src/__init__.py`` also shortens libgomp's spinning (``GOMP_SPINCOUNT``)
+    for load that starts while a merge runs.
     """
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    n = min(torch.get_num_threads(), max(1, int(free_cores(interval) + 0.5)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(cores, max(1, int(free_cores(interval) + 0.5)))
     limit = _cgroup_cpu_limit()
     if limit is not None:
         n = min(n, max(1, math.ceil(limit)))

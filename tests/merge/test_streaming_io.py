@@ -220,3 +220,25 @@ def test_finite_check_catches_every_nan_and_inf_and_passes_overflowing_sums(tmp_
             with pytest.raises(MergeInputError, match="p: tensor 'w' contains NaN or inf"):
                 engine._check_finite(x, "p", "w")
     engine._check_finite(torch.arange(5), "p", "w")  # integer tensors are not checked
+
+
+def test_threads_follow_the_free_cores_unless_omp_num_threads_is_set(monkeypatch):
+    from src.merge import memory
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert 0.0 <= memory.free_cores(0.05) <= cores + 1e-9
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(memory, "_cgroup_cpu_limit", lambda: None)
+        monkeypatch.setattr(memory, "free_cores", lambda interval=0.1: 0.2)  # every core busy
+        assert memory.use_free_cores() == 1 == torch.get_num_threads()
+        monkeypatch.setattr(memory, "free_cores", lambda interval=0.1: 1000.0)  # never above the cores
+        assert memory.use_free_cores() == cores == torch.get_num_threads()
+        monkeypatch.setattr(memory, "_cgroup_cpu_limit", lambda: 0.5)  # a CPU quota caps it
+        assert memory.use_free_cores() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice is kept
+        torch.set_num_threads(cores)
+        assert memory.use_free_cores() == cores == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
