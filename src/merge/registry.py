@@ -83,6 +83,9 @@ class MergeMethod:
     deferred_statistics: ClassVar[tuple[str, ...]] = ()
     #: Number of task models the method requires (``None``: any number >= 1).
     num_tasks: ClassVar[Optional[int]] = None
+    #: ``True`` for linear methods (``merge`` returns ``streaming.linear_combination``): on the
+    #: CPU with safetensors inputs the engine streams them chunk by chunk (src/merge/streaming.py).
+    streams_linear: ClassVar[bool] = False
     #: Compute in float64 (precision-sensitive SVDs) instead of float32.
     compute_dtype: ClassVar[torch.dtype] = torch.float32
 

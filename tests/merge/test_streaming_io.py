@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from src.merge import MergeEngine, MergeInputError, Sweep, merge
-from src.merge.methods import average as average_module
-from src.merge.methods.average import StreamedTensor
+from src.merge import streaming as streaming_module
+from src.merge.streaming import StreamedTensor
 from src.merge.sources import SafetensorsReader
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
@@ -138,7 +138,7 @@ JOBS = [("average", False, {}), ("average", True, {}), ("task_arithmetic", True,
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_streamed_merge_is_bit_identical_to_the_loaded_path(tmp_path, monkeypatch, dtype, chunk):
     """Files take the streamed path, state dicts the loaded one: same bits, chunk size or not."""
-    monkeypatch.setattr(average_module, "STREAM_CHUNK", chunk)
+    monkeypatch.setattr(streaming_module, "STREAM_CHUNK", chunk)
     base, tasks, base_path, task_paths = _models(tmp_path, dtype)
     for method, with_base, params in JOBS:
         streamed = merge(method, task_paths, base=base_path if with_base else None, params=params, progress=False).tensors
@@ -172,7 +172,7 @@ def test_streamed_sweep_updates_match_the_loaded_path(tmp_path):
 @pytest.mark.parametrize("where", ["base", "t1", "t1+t2", "base+t2"])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_streamed_nan_names_the_same_file_as_the_loaded_path(tmp_path, monkeypatch, where, chunk):
-    monkeypatch.setattr(average_module, "STREAM_CHUNK", chunk)
+    monkeypatch.setattr(streaming_module, "STREAM_CHUNK", chunk)
     base, tasks, base_path, task_paths = _models(tmp_path, torch.bfloat16)
     bad = {"base": base, "t1": tasks[1], "t2": tasks[2]}
     for i, part in enumerate(where.split("+")):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..registry import MergeMethod, TensorGroup, register
 from ..updates import Update
-from .average import linear_combination
+from ..streaming import linear_combination
 
 
 @register
@@ -15,7 +15,7 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     accepts_low_rank = True  # LoRA inputs stay factored: the merge is a concatenation
-    streams_linear = True  # dense safetensors inputs are streamed (see methods/average.py)
+    streams_linear = True  # dense safetensors inputs are streamed (src/merge/streaming.py)
 
     @dataclass
     class Params:
