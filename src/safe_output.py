@@ -173,11 +173,12 @@ def clean_debris(target, report=None) -> list[str]:
                 _remove(entry)
                 messages.append(f"removed {entry}, an earlier output left by an interrupted replacement")
     for msg in messages:
-        (report or _warn)(msg)
+        (report or note)(msg)
     return messages
 
 
-def _warn(message: str) -> None:
+def note(message: str) -> None:
+    """Tell the user what an output step did or will do (stderr, one line)."""
     print(f"note: {message}", file=sys.stderr)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..safe_output import (MERGE_MARKER, atomic_directory, check_free_space, check_output, clean_debris,
-                           output_identity)
+                           note, output_identity)
 from .errors import MergeInputError
 from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .model_files import copy_model_files, write_model_card
@@ -360,9 +359,9 @@ class MergeEngine:
         layout = [(n, tuple(self.shape(n)), self.out_dtype(n)) for n in out_names] if mode == "safetensors" else []
         if output is not None:
             check_free_space(Path(output).parent, sum(_nbytes(shape, dtype) for _, shape, dtype in layout))
-        for note in (self.base_note, replacing):
-            if note:
-                _note(note)
+        for message in (self.base_note, replacing):
+            if message:
+                note(message)
         start, meter = time.perf_counter(), _MemoryMeter(self.device)
         if cache_states is None:  # keep states when they are small: LoRA factors or in-memory inputs
             cache_states = self.all_lora or all(getattr(t, "in_memory", False) for t in self.tasks)
@@ -439,7 +438,3 @@ class MergeEngine:
         if path.is_dir():
             return path
         return path.parent if (path.parent / "config.json").is_file() else None
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)

@@ -57,3 +57,18 @@ def full_task_state(base: TinyNet, seed: int, noise: float = 0.1) -> dict[str, t
     g = torch.Generator().manual_seed(seed)
     return {k: (v + noise * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
             for k, v in base.state_dict().items()}
+
+
+def reference_elect_and_merge(X: torch.Tensor, sizes: list[int], sign_fill: str, lam: float) -> torch.Tensor:
+    """TIES' sign election and disjoint mean on trimmed, flattened task rows ``X`` (tasks, N),
+    written directly from the paper; ``sizes``: the tensors' lengths (for ``sign_fill="tensor"``)."""
+    s = torch.sign(X.sum(0))
+    if sign_fill == "global":
+        s[s == 0] = torch.sign(s.sum())
+    else:
+        for seg in torch.split(torch.arange(X.shape[1]), sizes):
+            part = s[seg]
+            part[part == 0] = torch.sign(part.sum())
+            s[seg] = part
+    agree = (torch.sign(X) == s) & (X != 0)
+    return lam * (X * agree).sum(0) / agree.sum(0).clamp(min=1)

@@ -30,6 +30,8 @@ from src.merge.methods.dare import dare_seed
 from src.merge.registry import TensorGroup, get_method
 from src.merge.statistics import run_reduction
 
+from .helpers import reference_elect_and_merge
+
 ALL = ["average", "task_arithmetic", "ties", "dare", "slerp", "mlerp"]
 
 
@@ -185,17 +187,7 @@ def _ties_direct(tasks: dict[str, list[torch.Tensor]], density, lam, trim_scope,
         ]
     else:  # no trimming (DARE-TIES)
         trimmed = flat
-    X = torch.stack(trimmed)
-    s = torch.sign(X.sum(0))
-    if sign_fill == "global":
-        s[s == 0] = torch.sign(s.sum())
-    else:
-        for seg in torch.split(torch.arange(X.shape[1]), sizes):
-            part = s[seg]
-            part[part == 0] = torch.sign(part.sum())
-            s[seg] = part
-    agree = (torch.sign(X) == s) & (X != 0)
-    merged = lam * (X * agree).sum(0) / agree.sum(0).clamp(min=1)
+    merged = reference_elect_and_merge(torch.stack(trimmed), sizes, sign_fill, lam)
     return {k: v.reshape(tasks[k][0].shape) for k, v in zip(names, torch.split(merged, sizes))}
 
 

@@ -18,6 +18,8 @@ from src.merge.methods import _kernels as K
 from src.merge.registry import get_method
 from src.merge.statistics import TopKThreshold, run_reduction
 
+from .helpers import reference_elect_and_merge
+
 #: Few distinct magnitudes, all exact in bf16 (and their sums with small integers too).
 MAGNITUDES = torch.tensor([0.125, 0.25, 0.5, 1.0])
 SHAPES = {"embed.weight": (40, 30), "l0.w": (20, 30), "l0.b": (30,), "l1.w": (30, 20), "norm.weight": (20,)}
@@ -68,17 +70,8 @@ def reference_ties(deltas, mask, lam, sign_fill, dtype=torch.float32):
     """TIES on the flattened concatenation with a given trim mask; returns per-tensor updates."""
     shapes = {k: v.shape for k, v in deltas[0].items()}
     X = torch.stack([torch.cat([d[k].to(dtype).reshape(-1) for k in shapes]) for d in deltas]) * mask
-    s = torch.sign(X.sum(0))
     sizes = [s_.numel() for s_ in shapes.values()]
-    if sign_fill == "global":
-        s[s == 0] = torch.sign(s.sum())
-    else:
-        for seg in torch.split(torch.arange(X.shape[1]), sizes):
-            part = s[seg]
-            part[part == 0] = torch.sign(part.sum())
-            s[seg] = part
-    agree = (torch.sign(X) == s) & (X != 0)
-    merged = lam * (X * agree).sum(0) / agree.sum(0).clamp(min=1)
+    merged = reference_elect_and_merge(X, sizes, sign_fill, lam)
     return {k: v.reshape(shapes[k]) for k, v in zip(shapes, torch.split(merged, sizes))}
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from src.merge import merge
 from src.merge.__main__ import main as cli_main
 from src.merge.errors import MergeInputError
+from src.merge.sources import PeftAdapterReader
 from src.safe_output import OutputError, atomic_directory, check_output
 from src.task_checkpoint import TaskCheckpointError, TaskInfo, read_task_info, write_task_info
 
@@ -109,16 +110,30 @@ def test_an_existing_file_as_output_is_refused(tmp_path):
 # ----- 2. every shipped config runs from the CLI -------------------------------------------
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "merge").glob("*.yaml")))
 def test_every_merge_config_runs_from_the_cli(tmp_path, config):
-    method = json.loads(json.dumps(__import__("yaml").safe_load((REPO / "configs/merge" / config).read_text())))["method"]
+    spec = __import__("yaml").safe_load((REPO / "configs/merge" / config).read_text())
+    method = spec["method"]
     tasks = _task_dirs(tmp_path / "ckpt", n=2 if method == "slerp" else 3)
     base = _hf_base(tmp_path / "pretrained")
     out = tmp_path / "merged"
     rc = _cli("--config", REPO / "configs/merge" / config, "--base", base, "--tasks", json.dumps(tasks), "--output", out)
     assert rc == 0
     info = json.loads((out / "merge.json").read_text())
-    assert info["method"] == method
-    files = {p.name for p in out.iterdir()}
-    assert "README.md" in files and ("adapter_config.json" in files or "model.safetensors" in files)
+    assert info["method"] == method and "README.md" in {p.name for p in out.iterdir()}
+    assert {k: info["params"][k] for k in spec["params"]} == spec["params"]  # the config's values were used
+    # what was written is the API's merge with the config's hyperparameters
+    direct = merge(method, tasks, base=base, params=info["params"], save_as=info["save_as"], progress=False).tensors
+    if info["save_as"] == "adapter":
+        written = PeftAdapterReader(out)
+        assert set(written.keys()) == set(direct)
+        for k, v in direct.items():
+            torch.testing.assert_close(written.load(k).dense(), v.dense().to(written.dtype(k)))
+    else:
+        assert info["complete_model"] is True
+        written = load_file(str(out / "model.safetensors"))
+        assert set(written) == set(load_file(str(base / "model.safetensors")))
+        for k, v in direct.items():
+            torch.testing.assert_close(written[k], v)
+            assert torch.isfinite(written[k]).all()
 
 
 def test_methods_without_hyperparameters_run_with_method_flag(tmp_path):
