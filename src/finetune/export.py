@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
-from ..safe_output import TASK_MARKER, atomic_directory, check_output
+from ..safe_output import TASK_MARKER, atomic_directory, check_output, note
 from ..task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, write_task_info
 from .base import TaskModule, jsonable
 
@@ -269,9 +269,9 @@ class TaskCheckpointExport(Callback):
         # before the model is built and trained: a refused path must not cost a training run
         if stage != "fit":
             return
-        note = self.check_target(trainer, pl_module)
-        if note and trainer.is_global_zero:
-            print(f"note: {note}", flush=True)
+        replacing = self.check_target(trainer, pl_module)
+        if replacing and trainer.is_global_zero:
+            note(replacing)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
         if self.zero_shot and self.zeroshot_metrics is None:

@@ -115,14 +115,14 @@ def test_fit_refuses_a_foreign_directory_unless_overwrite(tmp_path, quiet_traine
 
     steps = fit(make_clip("lora"), toy_dm, results, quiet_trainer, overwrite=True)
     assert steps.steps == 2
-    assert "replacing the existing directory" in capsys.readouterr().out
+    assert "replacing the existing directory" in capsys.readouterr().err
     assert not (results / "table.md").exists() and read_task_info(results).task == "toy"
 
 
 def test_fit_replaces_an_earlier_task_checkpoint_and_says_so(tmp_path, quiet_trainer, make_clip, toy_dm, capsys):
     earlier = fake_task_checkpoint(tmp_path / "toy", task="toy")
     fit(make_clip("lora"), toy_dm, earlier, quiet_trainer)
-    assert f"replacing the earlier output at {earlier}" in capsys.readouterr().out
+    assert f"replacing the earlier output at {earlier}" in capsys.readouterr().err
     assert read_task_info(earlier).base_model != "x"
 
 
@@ -167,7 +167,7 @@ def test_train_all_refuses_a_foreign_task_directory_unless_overwrite(tmp_path, t
     assert (out / "color_names" / "draft.txt").read_text() == "mine" and not (out / ".runs").exists()
 
     assert run_train_all(cfg, out, "--overwrite") == 0
-    assert "replacing the existing directory" in capsys.readouterr().out
+    assert "replacing the existing directory" in capsys.readouterr().err
     assert not (out / "color_names" / "draft.txt").exists() and read_task_info(out / "color_names").task == "color_names"
 
 
