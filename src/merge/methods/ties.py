@@ -1,9 +1,20 @@
 """TIES-Merging: trim, elect sign, disjoint mean (Yadav et al., 2023).
 
-Both published scopes exist as options because they change results: the original TIES /
-KnOTS / FusionBench code trims each task globally over the whole flattened model and fills
-zero signs with the model-wide majority sign; PEFT / mergekit / the per-block variant do
-both per tensor (so huge models can be merged one tensor at a time with no first pass).
+Two scope choices change results, so both exist as options:
+
+* ``trim_scope``: each task's top-k over the whole flattened model (``"global"``: the
+  original TIES, KnOTS and FusionBench code, and the compositional-generalization paper) or
+  within each tensor (``"tensor"``: PEFT, mergekit; huge models then merge one tensor at a
+  time with no first pass).
+* ``sign_fill``: entries whose elected sign is 0 take the majority sign of the whole model
+  (``"global"``: the original TIES and KnOTS code) or of their own tensor, i.e. parameter
+  block (``"tensor"``).
+
+The compositional-generalization paper ("Realistic Evaluation of Model Merging for
+Compositional Generalization", App. H.1) trims globally and fills zero signs per tensor:
+``trim_scope="global", sign_fill="tensor"``. PEFT and mergekit do not fill: an elected sign
+of 0 counts as positive, which differs from either fill only where trimmed values cancel
+exactly. See docs/algorithms.md#ties.
 
 Either scope keeps exactly ``k = int(density * N)`` entries per task (N: the model's or
 the tensor's entries), also when magnitudes tie with the ``k``-th largest, which is
@@ -56,12 +67,14 @@ class Ties(MergeMethod):
         density: fraction of each task's entries kept by magnitude (``k`` of top-k%):
             exactly ``int(density * N)``, ties broken by position (module docstring).
             Default 0.2 (TIES paper, k = 20%). KnOTS authors: 0.3 (ViT-B/32), 0.2 (ViT-L/14).
-        trim_scope: ``"global"`` (default; original TIES, KnOTS, FusionBench): each task's
-            top-k over the whole flattened model, via a streaming exact reduction.
-            ``"tensor"`` (PEFT, mergekit, per-block variant): top-k within each tensor.
+        trim_scope: ``"global"`` (default; original TIES, KnOTS, FusionBench, and the
+            compositional-generalization paper): each task's top-k over the whole flattened
+            model, via a streaming exact reduction. ``"tensor"`` (PEFT, mergekit): top-k
+            within each tensor.
         sign_fill: sign given to entries whose elected sign is 0. ``"global"`` (default;
-            original TIES): majority sign of the whole model. ``"tensor"``: majority sign of
-            the tensor (per-block variant).
+            original TIES, KnOTS): majority sign of the whole model. ``"tensor"``: majority
+            sign of the tensor (parameter block); the compositional-generalization paper
+            uses it together with ``trim_scope="global"``.
         """
 
         lam: float = 1.0
