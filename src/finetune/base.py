@@ -255,6 +255,10 @@ class TaskModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Logits and labels (the evaluation stage's Ensemble and joint benchmark score these)."""
+        return {"logits": self.logits(batch).float(), "labels": batch["labels"]}
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..merged_output import MERGE_FORMAT_VERSION, describe_input
 from ..safe_output import (MERGE_MARKER, atomic_directory, check_free_space, check_output, clean_debris,
                            note, output_identity)
 from .errors import MergeInputError
@@ -392,15 +393,19 @@ class MergeEngine:
                 self._check_output_tensor(name, tensor)
                 sink(name, tensor)
 
+        # without a base, LoRA inputs merge to dW (and methods that need a base refuse full inputs)
+        contents = "updates" if mode == "adapter" or (self.base is None and (self.all_lora or self.method.needs_base)) else "weights"
         info = {
+            "format_version": MERGE_FORMAT_VERSION,
             "method": self.method.name,
             "params": asdict(params),
             "base": None if self.base is None else str(self.base.path),
             "base_model_id": self.declared_base,
-            "tasks": [str(t.path) for t in self.tasks],
+            "tasks": [describe_input(t, spec) for t, spec in zip(self.tasks, self.task_specs)],
             "save_as": mode,
-            "contents": "updates" if mode == "adapter" or (self.base is None and self.method.needs_base) else "weights",
+            "contents": contents,
             "complete_model": complete,
+            "partial": mode == "safetensors" and not complete,
             "device": str(self.device),
             "num_tensors": len(out_names),
             "num_merged_tensors": len(self.names),
@@ -420,7 +425,8 @@ class MergeEngine:
                 writer = PeftAdapterWriter(tmp, template)
                 produce(lambda n, u: writer.add(n, u, self.out_dtype(n)))
             else:
-                writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes, {"format": "pt", "method": self.method.name})
+                writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes, {"format": "pt", "method": self.method.name},
+                                                  stem="updates" if contents == "updates" else "model")
                 produce(writer.add)
             writer.close()
             if complete:

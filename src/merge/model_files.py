@@ -40,7 +40,8 @@ def copy_model_files(base_dir: Optional[Path], out_dir: Path) -> list[str]:
 def write_model_card(out_dir: Path, info: dict) -> None:
     """A short README.md: what was merged, how, and how to load it."""
     params = json.dumps(info.get("params", {}), sort_keys=True)
-    tasks = "\n".join(f"- `{t}`" for t in info.get("tasks", []))
+    tasks = "\n".join(f"- `{t.get('task') or t.get('path')}` (`{t.get('path')}`)" if isinstance(t, dict) else f"- `{t}`"
+                      for t in info.get("tasks", []))
     base = info.get("base_model_id") or info.get("base") or "none"
     if info.get("save_as") == "adapter":
         load = ("A PEFT LoRA adapter (scale 1): `PeftModel.from_pretrained(base_model, this_dir)` "

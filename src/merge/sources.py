@@ -402,6 +402,7 @@ def open_task(spec: Union[str, Path, Mapping, Any], ckpt_prefix: str = ""):
                 raise MergeInputError(e.path, str(e).split(": ", 1)[-1]) from None
             reader = PeftAdapterReader(adapter_dir(path)) if info.kind == "lora" else SafetensorsReader(full_weights_path(path))
             reader.task_info = info
+            reader.task_dir = path  # merge.json records the task directory, not adapter/ inside it
             return reader
         if (path / PEFT_CONFIG).is_file():
             return PeftAdapterReader(path)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from .sources import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, SAFETENSORS_INDEX
+from .sources import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from .updates import LowRank
 
 DEFAULT_SHARD_BYTES = 5 << 30  # Hugging Face's default shard size; memory does not depend on it
@@ -35,12 +35,14 @@ class ShardedSafetensorsWriter:
     and dtype before it starts, so the header is written first and each tensor's bytes are
     appended the moment it is merged. One ``model.safetensors`` when everything fits in
     ``max_shard_bytes``, else ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json`` as Hugging Face writes them.
+    ``model.safetensors.index.json`` as Hugging Face writes them. ``stem="updates"`` names the
+    files ``updates*.safetensors`` (merged task updates without a base: not loadable as weights).
     """
 
     def __init__(self, directory: Path, layout: list[tuple[str, tuple, torch.dtype]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: Optional[dict] = None):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: Optional[dict] = None, stem: str = "model"):
         self.directory = Path(directory)
+        self.stem = stem  # "updates" for merged task updates: never mistaken for loadable weights
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         shards: list[list[tuple[str, tuple, torch.dtype]]] = [[]]
         size = 0
@@ -52,7 +54,7 @@ class ShardedSafetensorsWriter:
             shards[-1].append((name, tuple(shape), dtype))
             size += nbytes
         n = len(shards)
-        self.files = [self.directory / ("model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+        self.files = [self.directory / (f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors")
                       for i in range(1, n + 1)]
         self._plan = [(name, shape, dtype, i) for i, shard in enumerate(shards) for name, shape, dtype in shard]
         self._shards = shards
@@ -101,7 +103,7 @@ class ShardedSafetensorsWriter:
         if len(self.files) > 1:
             weight_map = {name: self.files[shard].name for name, _, _, shard in self._plan}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+            (self.directory / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return list(self.files)
 
 

@@ -1,0 +1,487 @@
+"""An evaluation run: references, selection sweeps, Ensemble and the joint benchmark -> result rows.
+
+One run serves one experiment (a set of task models finetuned from one base):
+
+1. **References** — every task's own finetuned model and the zero-shot base, on validation and
+   test (the finetuned values are the denominators of normalized accuracy).
+2. **Methods** — each merge method is searched with its protocol (``protocols.py``): every grid
+   point is merged in memory by one :class:`src.merge.Sweep` (SVDs, centering and global
+   statistics once), swapped into the loaded base and scored on **validation**; the selected
+   point is scored on **test** (``stage: selected``) and on the joint benchmark. A merged
+   directory (``path:``) is evaluated as it is.
+3. **Ensemble** — not a merge: per task the most confident of the task models; joint, the
+   per-class max over the task models.
+4. Rows are appended as they finish (``rows.py``); a re-run skips every measurement it has,
+   and a grid point whose rows all exist is not even merged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..merge import Sweep, get_method
+from ..merge.sweep import expand_grid
+from .loop import Evaluator, dataset_size, split_loader
+from .models import EvaluationError, ModelBank, datamodule_of
+from .protocols import restrict, search_for
+from .rows import RowStore, make_row
+
+
+@dataclass
+class MethodSpec:
+    """One line of the results table.
+
+    Args:
+        method: a merge method's registry name (``python -m src.merge --list``), or ``merged``
+            to evaluate an existing merged directory given as ``path``.
+        label: its name in tables (default: the method name).
+        fixed: hyperparameters held fixed (override the protocol's).
+        stages: the search (override the protocol's): a list of grids, searched in order.
+        reuse: ``{hyperparameter: other method}``: take that value from the other method's selection.
+        path: the merged directory for ``method: merged``.
+    """
+
+    method: str
+    label: Optional[str] = None
+    fixed: Optional[dict[str, Any]] = None
+    stages: Optional[list[dict[str, list]]] = None
+    reuse: Optional[dict[str, str]] = None
+    path: Optional[str] = None
+
+
+@dataclass
+class JointSpec:
+    """The joint benchmark: one head over the union of the tasks' labels, all test sets pooled.
+
+    Args:
+        enabled: run it.
+        ks: Hits@k for these k.
+        duplicate_labels: ``id`` (a prediction counts only as the exact label id, the authors'
+            rule) or ``string`` (any label with the same name counts).
+        label_file: a fixed label space (``data/joint_labels.json`` for the KnOTS benchmark);
+            default: the tasks' labels concatenated in task order.
+    """
+
+    enabled: bool = False
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    duplicate_labels: str = "id"
+    label_file: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """Everything an evaluation run needs (``configs/evaluate/*.yaml``).
+
+    Args:
+        experiment: name stored with every row.
+        tasks: task-checkpoint directories of the merged (held-in) tasks.
+        generalization: task-checkpoint directories evaluated but never merged (held-out tasks).
+        base: local directory of the base model (default: the one ``task.json`` records).
+        rows: the JSON-lines result file (``{experiment}`` is filled in).
+        protocol: ``knots`` | ``compositional`` | ``cart`` | ``quick`` | null (see protocols.py).
+        methods: the methods to evaluate.
+        grid: restrict grids from the command line, e.g. ``{lam: [0.3, 0.5]}``.
+        only: evaluate only these methods (labels or names).
+        select_on: ``normalized`` (mean over held-in tasks of merged / finetuned) or ``absolute``.
+        metric: the task metric rows are selected on (what the task modules log: ``acc``).
+        grid_splits: splits every grid point is scored on (``[val]``; add ``test`` for sensitivity
+            curves of test accuracy).
+        ensemble: evaluate the Ensemble baseline.
+        zeroshot: evaluate the base model with each task's head.
+        joint: the joint benchmark.
+        data: DataModule init-arg overrides for every task (``data_root``, ``eval_batch_size``...).
+        accelerator, devices, strategy, precision: the Lightning Trainer's.
+        merge_device: where merges are computed.
+        report: write ``report.md`` (tables) and ``sensitivity.png`` next to the rows.
+        progress: show progress bars.
+    """
+
+    experiment: str = "experiment"
+    tasks: list[str] = field(default_factory=list)
+    generalization: list[str] = field(default_factory=list)
+    base: Optional[str] = None
+    rows: str = "results/{experiment}/rows.jsonl"
+    protocol: Optional[str] = None
+    methods: list[MethodSpec] = field(default_factory=list)
+    grid: Optional[dict[str, list]] = None
+    only: Optional[list[str]] = None
+    select_on: str = "normalized"
+    metric: str = "acc"
+    grid_splits: list[str] = field(default_factory=lambda: ["val"])
+    ensemble: bool = True
+    zeroshot: bool = True
+    joint: JointSpec = field(default_factory=JointSpec)
+    data: dict[str, Any] = field(default_factory=dict)
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: Any = "32-true"
+    merge_device: str = "cpu"
+    report: bool = True
+    progress: bool = True
+
+
+def _as_method_spec(value) -> MethodSpec:
+    if isinstance(value, MethodSpec):
+        return value
+    if isinstance(value, dict):
+        return MethodSpec(**value)
+    if isinstance(value, str):
+        return MethodSpec(method=value)
+    raise TypeError(f"a method is a name or a mapping, got {value!r}")
+
+
+class EvaluationRun:
+    """Executes an :class:`EvalConfig` (see the module docstring); ``run()`` returns the rows."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        if config.select_on not in ("normalized", "absolute"):
+            raise ValueError(f"select_on must be 'normalized' or 'absolute', got {config.select_on!r}")
+        if len(config.tasks) < 1:
+            raise ValueError("tasks: at least one task checkpoint directory is needed")
+        self.methods = [_as_method_spec(m) for m in config.methods]
+        self.rows_path = Path(str(config.rows).replace("{experiment}", config.experiment))
+        self.store = RowStore(self.rows_path)
+        self._bank: Optional[ModelBank] = None
+        self._evaluator: Optional[Evaluator] = None
+        self._loaders: dict[tuple[str, str], Any] = {}
+        self.selected: dict[str, dict[str, Any]] = {}  # label -> selected params
+        self.timing: list[dict[str, float]] = []  # per grid point: merge + apply vs evaluate seconds
+
+    # ----- lazily built: a fully cached re-run loads nothing ---------------------------
+    @property
+    def bank(self) -> ModelBank:
+        if self._bank is None:
+            self._bank = ModelBank(list(self.config.tasks) + list(self.config.generalization), base=self.config.base,
+                                   device=self._device())
+            self._task_names()
+        return self._bank
+
+    def _device(self) -> str:
+        accel = self.config.accelerator
+        if accel == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if accel == "gpu" else accel
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            c = self.config
+            self._evaluator = Evaluator(c.accelerator, c.devices, c.strategy, c.precision, c.progress)
+        return self._evaluator
+
+    def _task_names(self) -> None:
+        from ..task_checkpoint import read_task_info
+
+        self.held_in = [read_task_info(d).task for d in self.config.tasks]
+        self.held_out = [read_task_info(d).task for d in self.config.generalization]
+
+    @property
+    def all_tasks(self) -> list[str]:
+        if not hasattr(self, "held_in"):
+            self._task_names()
+        return self.held_in + self.held_out
+
+    def group(self, task: str) -> Optional[str]:
+        if not self.config.generalization:
+            return None
+        return "held_in" if task in self.held_in else "generalization"
+
+    def loader(self, task: str, split: str):
+        key = (task, split)
+        if key not in self._loaders:
+            bank = self.bank
+            if not hasattr(self, "_datamodules"):
+                self._datamodules = {}
+            if task not in self._datamodules:
+                self._datamodules[task] = datamodule_of(bank.infos[task], bank.task_dirs[task], self.config.data)
+            self._loaders[key] = split_loader(self._datamodules[task], split)
+        return self._loaders[key]
+
+    # ----- rows ----------------------------------------------------------------------
+    def _what(self, method: str, params: dict, task: str, split: str, stage: str, metric: Optional[str] = None,
+              dataset: Optional[str] = None) -> dict[str, Any]:
+        return {"experiment": self.config.experiment, "method": method, "params": params, "tasks": self.held_in,
+                "task": task, "split": split, "metric": metric or self.config.metric, "stage": stage, "dataset": dataset}
+
+    def finetuned(self, task: str, split: str, metric: Optional[str] = None) -> Optional[float]:
+        row = self.store.get(**self._what("finetuned", {}, task, split, "reference", metric))
+        return None if row is None else row["value"]
+
+    def score_tasks(self, method: str, label: str, params: dict, model: str, state_fn, tasks: Sequence[str],
+                    split: str, stage: str, selection: Optional[dict] = None, own_task_state: bool = False) -> dict[str, float]:
+        """Score one model on ``tasks`` (rows cached); ``state_fn()`` gives its weights, only when needed."""
+        values: dict[str, float] = {}
+        missing = [t for t in tasks if not self.store.has(**self._what(method, params, t, split, stage))]
+        for t in tasks:
+            if t not in missing:
+                values[t] = self.store.get(**self._what(method, params, t, split, stage))["value"]
+        if not missing:
+            return values
+        bank = self.bank
+        state = None if own_task_state else state_fn()
+        for t in missing:
+            if own_task_state:
+                state = state_fn(t)
+            start = time.perf_counter()
+            with bank.weights(state, model):
+                result = self.evaluator.metrics(bank.modules[t], self.loader(t, split), split, f"{label} on {t} {split}")
+            metrics = result.metrics
+            if self.config.metric not in metrics:
+                raise EvaluationError(bank.task_dirs[t], f"the task module logs {sorted(metrics)} on {split}, "
+                                                         f"not the metric {self.config.metric!r}")
+            rows = []
+            for name, value in metrics.items():
+                rows.append(make_row(**self._what(method, params, t, split, stage, name), label=label, model=model,
+                                     group=self.group(t), value=value, n=result.n,
+                                     finetuned=None if method == "finetuned" else self.finetuned(t, split, name),
+                                     selection=selection, wall_s=round(result.wall_s, 3)))
+            self.store.add(rows)
+            values[t] = metrics[self.config.metric]
+        return values
+
+    def score(self, values: dict[str, float], split: str) -> float:
+        """The selection score: mean over held-in tasks, normalized or absolute."""
+        held = [t for t in self.held_in if t in values]
+        if self.config.select_on == "absolute":
+            return sum(values[t] for t in held) / len(held)
+        return sum(values[t] / self.finetuned(t, split) for t in held) / len(held)
+
+    # ----- stages ----------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        self.references()
+        for spec in self.methods:
+            if self.config.only and spec.method not in self.config.only and (spec.label or spec.method) not in self.config.only:
+                continue
+            self.method(spec)
+        if self.config.ensemble and len(self.held_in) > 1:
+            self.ensemble()
+        return list(self.store)
+
+    def references(self) -> None:
+        tasks = self.all_tasks
+        for split in ("val", "test"):
+            self.score_tasks("finetuned", "Finetuned", {}, "task models", lambda t: self.bank.task_state(t), tasks,
+                             split, "reference", own_task_state=True)
+            if self.config.zeroshot:
+                self.score_tasks("zeroshot", "Zero-shot", {}, "base model", lambda: None, tasks, split, "reference")
+
+    def method(self, spec: MethodSpec) -> None:
+        label = spec.label or spec.method
+        if spec.method == "merged":
+            if not spec.path:
+                raise ValueError(f"method {label!r}: 'merged' needs a path")
+            params = {"path": str(spec.path)}
+            state = lambda: self.bank.merged_state(spec.path)
+            self.score_tasks("merged", label, params, str(spec.path), state, self.all_tasks, "test", "selected",
+                             {"on": None, "protocol": "as merged"})
+            self.joint(label, "merged", params, str(spec.path), state)
+            return
+        merge_method = get_method(spec.method)
+        search = restrict(search_for(spec.method, self.config.protocol,
+                                     {"fixed": spec.fixed, "stages": spec.stages, "reuse": spec.reuse}), self.config.grid)
+        chosen = dict(search["fixed"])
+        for param, other in search["reuse"].items():
+            if other not in self.selected:
+                raise ValueError(f"method {label!r} reuses {param!r} from {other!r}, which has not run before it")
+            chosen[param] = self.selected[other][param]
+        sweep: Optional[Sweep] = None
+
+        def full(point: dict) -> dict:
+            return dataclasses.asdict(merge_method.make_params(**{**chosen, **point}))
+
+        def state_of(params: dict):
+            nonlocal sweep
+            if sweep is None:
+                sweep = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
+                              device=self.config.merge_device, progress=False)
+            start = time.perf_counter()
+            state = self.bank.with_updates(sweep.merge(params, as_updates=True))
+            self._merge_s = time.perf_counter() - start
+            return state
+
+        model_id = f"{spec.method}@{self.config.experiment}"
+        for s, stage in enumerate(search["stages"]):
+            points = expand_grid(stage)
+            best, best_score = None, None
+            bar = tqdm(points, desc=f"{label}: stage {s + 1}/{len(search['stages'])}", leave=False,
+                       disable=not self.config.progress, dynamic_ncols=True)
+            for point in bar:
+                params = full(point)
+                self._merge_s = 0.0
+                cache: dict[str, Any] = {}
+                state = lambda: cache.setdefault("s", state_of(params))
+                start = time.perf_counter()
+                values = {}
+                for split in self.config.grid_splits:
+                    v = self.score_tasks(spec.method, label, params, model_id, state, self.held_in, split, "grid")
+                    if split == "val":
+                        values = v
+                if cache:
+                    total = time.perf_counter() - start
+                    self.timing.append({"method": spec.method, "merge_apply_s": self._merge_s,
+                                        "evaluate_s": total - self._merge_s})
+                score = self.score(values, "val")
+                if best_score is None or score > best_score:
+                    best, best_score = point, score
+            chosen.update(best or {})
+        params = full({})
+        self.selected[spec.method] = params
+        self.selected[label] = params
+        selection = {"on": "val", "protocol": self.config.protocol, "select_on": self.config.select_on}
+        state = lambda: state_of(params)
+        cached: dict[str, Any] = {}
+        once = lambda: cached.setdefault("s", state())
+        self.score_tasks(spec.method, label, params, model_id, once, self.all_tasks, "test", "selected", selection)
+        self.joint(label, spec.method, params, model_id, once)
+
+    # ----- Ensemble and joint ------------------------------------------------------------
+    def _logits(self, task_model: str, head_task: str, data_task: str) -> torch.Tensor:
+        key = (task_model, head_task, data_task)
+        if not hasattr(self, "_logit_cache"):
+            self._logit_cache = {}
+        if key not in self._logit_cache:
+            bank = self.bank
+            with bank.weights(bank.task_state(task_model), str(bank.task_dirs[task_model])):
+                self._logit_cache[key] = self.evaluator.predict(bank.modules[head_task], self.loader(data_task, "test"),
+                                                                f"{task_model} model on {data_task}")
+        return self._logit_cache[key]
+
+    def ensemble(self) -> None:
+        from .metrics import accuracy, ensemble_per_task
+
+        for t in self.held_in:
+            what = self._what("ensemble", {}, t, "test", "reference")
+            if self.store.has(**what):
+                continue
+            start = time.perf_counter()
+            labels = self._logits(t, t, t)[1]
+            preds = ensemble_per_task([self._logits(m, t, t)[0] for m in self.held_in])
+            value = accuracy(preds, labels)
+            self.store.add([make_row(**what, label="Ensemble", model="task models", group=self.group(t), value=value,
+                                     n=len(labels), finetuned=self.finetuned(t, "test"),
+                                     wall_s=round(time.perf_counter() - start, 3))])
+        if self.config.joint.enabled:
+            from .metrics import ensemble_joint
+
+            def pooled():
+                per_model = [self._joint_logits(self.bank.task_state(m), str(self.bank.task_dirs[m])) for m in self.held_in]
+                return ensemble_joint([p[0] for p in per_model]), per_model[0][1], per_model[0][2]
+
+            self.joint("Ensemble", "ensemble", {}, "task models", None, joint_logits=pooled)
+
+    def joint_space(self):
+        from .metrics import JointLabelSpace
+
+        if not hasattr(self, "_joint_space"):
+            spec = self.config.joint
+            if spec.label_file:
+                self._joint_space = JointLabelSpace.from_file(spec.label_file)
+            else:
+                self._joint_space = JointLabelSpace.from_tasks({t: self.bank.infos[t].label_names for t in self.held_in})
+        return self._joint_space
+
+    def joint_module(self):
+        """A task module whose head is the concatenation of the tasks' heads (joint label order)."""
+        if not hasattr(self, "_joint_module"):
+            from ..finetune.load import build_module
+
+            bank, space = self.bank, self.joint_space()
+            first = self.held_in[0]
+            heads = {t: bank.modules[t].head_state_dict() for t in self.held_in}
+            module = build_module(bank.infos[first], bank.task_dirs[first])
+            module.label_names = list(space.names)
+            if hasattr(module, "attach_base"):
+                module.attach_base(bank.base, trainable=False)
+            else:
+                module.model = bank.base
+            head = {"weight": space.joint_head({t: h["weight"] for t, h in heads.items()})}
+            for key, value in heads[first].items():  # scale and other per-head constants: the first task's
+                if key != "weight":
+                    head[key] = value
+            module.load_head_state_dict(head)
+            module.requires_grad_(False).eval().to(bank.base.device if hasattr(bank.base, "device") else "cpu")
+            self._joint_module = module
+        return self._joint_module
+
+    def _joint_logits(self, state, model: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        bank, space = self.bank, self.joint_space()
+        module = self.joint_module()
+        logits, targets, datasets = [], [], []
+        with bank.weights(state, model):
+            for t in self.held_in:
+                out, labels = self.evaluator.predict(module, self.loader(t, "test"), f"joint: {model} on {t}")
+                logits.append(out)
+                targets.append(space.task_to_joint(t, len(bank.infos[t].label_names))[labels])
+                datasets += [t] * len(labels)
+        return torch.cat(logits), torch.cat(targets), datasets
+
+    def joint(self, label: str, method: str, params: dict, model: str, state_fn, joint_logits=None) -> None:
+        spec = self.config.joint
+        if not spec.enabled:
+            return
+        from .metrics import joint_hits
+
+        metrics = [f"hits@{k}" for k in spec.ks]
+        datasets = ["union"] + self.held_in
+        whats = {(d, m): self._what(method, {**params, "duplicate_labels": spec.duplicate_labels}, "joint", "test",
+                                    "selected" if method not in ("ensemble", "finetuned") else "reference", m, d)
+                 for d in datasets for m in metrics}
+        if all(self.store.has(**w) for w in whats.values()):
+            return
+        start = time.perf_counter()
+        if joint_logits is not None:
+            logits, targets, names = joint_logits()
+        else:
+            logits, targets, names = self._joint_logits(state_fn(), model)
+        space = self.joint_space()
+        equivalent = space.canonical(spec.duplicate_labels)
+        hits = joint_hits(logits, targets, names, ks=spec.ks, equivalent=equivalent)
+        wall = round(time.perf_counter() - start, 3)
+        rows = []
+        for (d, m), what in whats.items():
+            k = int(m.split("@")[1])
+            value = hits["union"][k] if d == "union" else hits["per_dataset"][d][k]
+            rows.append(make_row(**what, label=label, model=model, value=value, n=hits["n"][d], wall_s=wall))
+        self.store.add(rows)
+
+
+def run_evaluation(config: EvalConfig) -> list[dict[str, Any]]:
+    """Run ``config`` (see :class:`EvalConfig`); returns every row of its result file."""
+    return EvaluationRun(config).run()
+
+
+def write_reports(run: EvaluationRun) -> list[Path]:
+    """``report.md`` (tables) and ``sensitivity.png`` next to the rows, rendered from the rows only."""
+    from .report import plot_heldin_vs_generalization, plot_sensitivity, render_table
+
+    rows = [r for r in run.store if r.get("experiment") == run.config.experiment]
+    out = run.rows_path.parent
+    parts = [f"# {run.config.experiment}: test results\n",
+             "Hyperparameters selected on validation "
+             f"(protocol `{run.config.protocol}`, score: {run.config.select_on} accuracy averaged over the tasks).\n",
+             "## Accuracy (%)\n", render_table(rows, "pertask", params="varied"),
+             "## Normalized accuracy (% of each task's finetuned model)\n",
+             render_table(rows, "pertask", normalized=True, params="none")]
+    if run.config.generalization:
+        parts += ["## Held-in vs generalization\n", render_table(rows, "compositional")]
+    if any(r.get("task") == "joint" for r in rows):
+        parts += ["## Joint benchmark: Hits@k (%) over the union of the labels\n", render_table(rows, "joint", params="none")]
+    report = out / "report.md"
+    report.write_text("\n".join(parts))
+    written = [report]
+    if any(r.get("stage") == "grid" for r in rows):
+        plot_sensitivity(rows, out / "sensitivity.png", normalized=True, splits=tuple(run.config.grid_splits),
+                         experiment=run.config.experiment)
+        written.append(out / "sensitivity.png")
+        if run.config.generalization:
+            plot_heldin_vs_generalization(rows, out / "heldin_vs_generalization.png", experiment=run.config.experiment)
+            written.append(out / "heldin_vs_generalization.png")
+    return written
