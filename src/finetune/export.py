@@ -103,7 +103,8 @@ def format_metrics(metrics: dict) -> str:
 @torch.no_grad()
 def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] = None,
                       progress: Optional[str] = None) -> float:
-    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``);
+    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``: the
+    task's own per-example metric where the module defines one, e.g. SP-ROUGE for mT5 summaries);
     ``progress``: show a transient progress bar with this description."""
     if progress:
         from tqdm.auto import tqdm
@@ -123,7 +124,7 @@ def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] =
                 else:
                     batch = module.transfer_batch_to_device(batch, module.device, 0)
                 c, n = module.evaluate_batch(batch)
-                correct += int(c)
+                correct += float(c)  # a count, or a sum of per-example scores (mT5 EM/F1, SP-ROUGE)
                 total += int(n)
     finally:
         module.train(was_training)

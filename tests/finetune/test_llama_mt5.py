@@ -290,8 +290,14 @@ def test_mt5_rank_classification_matches_per_choice_log_probs(t5_tokenizer_dir):
     assert correct2 == 6
 
 
-def test_mt5_greedy_generation_and_exact_match(t5_tokenizer_dir):
-    module = mt5(t5_tokenizer_dir, [])
+# a seed whose random tiny model generates words for SOURCES (most stop at once: empty strings)
+GEN_SEED = 15
+
+
+def test_mt5_greedy_generation_scored_with_em_f1(t5_tokenizer_dir):
+    from src.evaluate.text_metrics import em_f1
+
+    module = mt5(t5_tokenizer_dir, [], metric="em_f1", init_seed=GEN_SEED)
     assert not module.is_classification
     tok = module.tokenizer
     batch = seq2seq_batch(tok, SOURCES[:3], ["a b", "c", "d e f"])
@@ -309,16 +315,125 @@ def test_mt5_greedy_generation_and_exact_match(t5_tokenizer_dir):
         row = row[: row.index(1)] if 1 in row else row
         manual.append(tok.decode(row, skip_special_tokens=True))
     assert predictions == manual
-    # exact match against references chosen so that the first two match
+    # references chosen so that the first two match exactly and the third partly (F1 only)
     targets = [manual[0], manual[1], manual[2] + " zzz"]
-    correct, total = module.evaluate_batch({**batch, "targets": targets})
-    assert (correct, total) == (2, 3)
+    references = [[targets[0]], ["g h", targets[1]], [targets[2]]]  # several golds: the best one counts
+    expected = em_f1(manual, references)
+    assert expected["em"] == pytest.approx(2 / 3) and expected["f1"] > expected["em"]
+    score_sum, total = module.evaluate_batch({**batch, "targets": targets, "references": references})
+    assert total == 3 and float(score_sum) == pytest.approx(3 * expected["em_f1"], abs=1e-6)
     assert [g["prediction"] for g in module.generations] == manual
-    # through Lightning: val/acc is logged and the strings are kept
+    assert [g["references"] for g in module.generations] == references
+    # without `references` the target string is the reference
+    score_sum, _ = module.evaluate_batch({**batch, "targets": targets})
+    assert float(score_sum) == pytest.approx(3 * em_f1(manual, targets)["em_f1"], abs=1e-6)
+    # through Lightning: val/acc is the EM/F1 mean and the strings are kept
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    (result,) = trainer.validate(module, datamodule=BatchesDM([{**batch, "targets": targets}], []))
-    assert result["val/acc"] == pytest.approx(2 / 3)
+    (result,) = trainer.validate(module, datamodule=BatchesDM([{**batch, "references": references}], []))
+    assert result["val/acc"] == pytest.approx(expected["em_f1"], abs=1e-6)
     assert len(module.generations) == 3
+
+
+class GenerationDM(L.LightningDataModule):
+    """A generation task as the cross-lingual datamodule presents it: ``label_names`` None, ``task`` and
+    ``base_task`` names, batches with ``targets`` and ``references``."""
+
+    def __init__(self, task, train, val):
+        super().__init__()
+        self.task, self.base_task = task, task.split("-")[0]
+        self.label_names, self.templates = None, None
+        self.train, self.val = train, val
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=None, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=None, shuffle=False)
+
+    test_dataloader = val_dataloader
+
+
+def test_mt5_metric_follows_the_task():
+    module = MT5Seq2Seq("unused", model_config=MT5)
+    module.label_names = []
+    assert module.resolve_metric("wiki_lingua") == "sp_rouge"
+    assert module.resolve_metric("squad") == module.resolve_metric("xquad") == "em_f1"
+    with pytest.raises(ValueError, match="pass metric"):
+        module.resolve_metric("new_generation_task")
+    module.label_names = ["yes", "no"]
+    assert module.resolve_metric("xnli") == module.resolve_metric(None) == "accuracy"
+    with pytest.raises(ValueError, match="does not fit"):
+        _resolved(MT5Seq2Seq("unused", model_config=MT5, metric="sp_rouge"), ["a"])
+    with pytest.raises(ValueError, match="does not fit"):
+        _resolved(MT5Seq2Seq("unused", model_config=MT5, metric="accuracy"), [])
+    assert _resolved(MT5Seq2Seq("unused", model_config=MT5, metric="em_f1"), []) == "em_f1"
+    with pytest.raises(ValueError, match="metric must be"):
+        MT5Seq2Seq("unused", model_config=MT5, metric="rouge")
+
+
+def _resolved(module, label_names):
+    module.label_names = label_names
+    return module.resolve_metric("wiki_lingua")
+
+
+def test_mt5_summarization_selects_and_exports_on_sp_rouge_over_the_whole_split(t5_tokenizer_dir, tmp_path):
+    """A WikiLingua-like task: val/acc (what the export and early stopping monitor) is SP-ROUGE of all
+    validation examples, the exported metrics are SP-ROUGE, and exact match would have been 0."""
+    from src.evaluate.text_metrics import em_f1, sp_rouge
+    from src.finetune.export import TaskCheckpointExport
+    from src.task_checkpoint import read_task_info
+
+    frozen = OptimSpec(lr=0.0, weight_decay=0.0, scheduler="constant")  # weights stay: predictions known
+    twin = mt5(t5_tokenizer_dir, [], metric="sp_rouge", init_seed=GEN_SEED).eval()  # same config, seed: weights
+    tok = twin.tokenizer
+    sources = [SOURCES[:3], SOURCES[3:5]]  # uneven batches: the split mean is not the mean of batch means
+    val, preds, refs = [], [], []
+    for part in sources:
+        batch = seq2seq_batch(tok, part, ["a b"] * len(part))
+        p = twin.generate(batch)
+        # the prediction plus some words: ROUGE in (0, 1), exact match 0
+        r = [[f"{x} b c" + " d e f" * ((len(preds) + i) % 2)] for i, x in enumerate(p)]
+        val.append({**batch, "targets": [x[0] for x in r], "references": r})
+        preds += p
+        refs += r
+    assert all(p.strip() for p in preds)
+    expected = sp_rouge(preds, refs, tok)["sp_rouge"]
+    assert 0 < expected < 1 and em_f1(preds, refs)["em"] == 0.0
+    batch_means = [sp_rouge(preds[:3], refs[:3], tok)["sp_rouge"], sp_rouge(preds[3:], refs[3:], tok)["sp_rouge"]]
+    assert abs(sum(batch_means) / 2 - expected) > 1e-4
+
+    module = MT5Seq2Seq("unused", tokenizer=t5_tokenizer_dir, model_config={**MT5, "vocab_size": len(WORDS) + 3},
+                        optim=frozen, max_new_tokens=5, init_seed=GEN_SEED)
+    export = TaskCheckpointExport(output_dir=str(tmp_path / "{task}"), verbose=False)
+    dm = GenerationDM("wiki_lingua-th", [val[0]], val)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        max_epochs=1, callbacks=[export])
+    trainer.fit(module, datamodule=dm)
+    assert module.label_names == [] and module.eval_metric == "sp_rouge"
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(expected, abs=1e-6)
+    assert export.best_score == pytest.approx(expected, abs=1e-6)
+    # kept since the last validation epoch started: that epoch, then the export's val and test passes
+    assert [g["prediction"] for g in module.generations] == preds * 3
+    assert [g["sp_rouge"] for g in module.generations[:5]] == pytest.approx(sp_rouge_per_example(preds, refs, tok))
+
+    info = read_task_info(tmp_path / "wiki_lingua-th")
+    assert info.hparams["metric"] == "sp_rouge" and info.hparams["selection"]["monitor"] == "val/acc"
+    init_args = info.hparams["module"]["init_args"]
+    assert init_args["metric"] == "sp_rouge"  # resolved from the task: a reloaded module scores the same
+    again = MT5Seq2Seq(**init_args)
+    again.label_names = list(info.label_names)
+    assert again.eval_metric == "sp_rouge"
+    for stage in ("zeroshot", "finetuned"):
+        for split in ("val_acc", "test_acc"):  # the test loader is the validation data here
+            assert info.metrics[stage][split] == pytest.approx(expected, abs=1e-6), (stage, split)
+    assert info.metrics["last"]["val_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def sp_rouge_per_example(preds, refs, tok):
+    from src.evaluate.text_metrics import sp_rouge_scores
+
+    return sp_rouge_scores(preds, refs, tok)["sp_rouge"]
 
 
 def test_mt5_export_full_weights_without_tied_duplicates(t5_tokenizer_dir):

@@ -7,21 +7,38 @@ Every task is trained the same way, seq2seq cross-entropy on the target tokens
   WiC, TyDiQA answerability): rank classification, the prediction is the answer whose
   target tokens have the highest summed log-probability. The encoder runs once per
   example and the decoder once for all choices together (choices batched).
-* generation (``label_names`` empty or None: QA, summarization): greedy decoding. Exact
-  match is logged as ``val/acc`` / ``test/acc``; the decoded strings are kept in
-  :attr:`MT5Seq2Seq.generations` for the metrics computed in ``src/evaluate`` (F1,
-  SP-ROUGE).
+* generation (``label_names`` empty or None: QA, summarization): greedy decoding.
+
+The validation / test score is the task's own metric (``metric``), computed with the evaluation
+stage's code (``src/evaluate/text_metrics.py``) and logged as ``val/acc`` / ``test/acc``, the key
+the export (``TaskCheckpointExport(monitor="val/acc")``) and early stopping select on, so a
+checkpoint is selected on the metric it is evaluated with:
+
+* ``accuracy``: rank classification (every classification task);
+* ``em_f1``: the mean of SQuAD exact match and F1, the best over each example's references (QA);
+* ``sp_rouge``: the mean of ROUGE-1/2/L F-measures over the mT5 tokenizer's SentencePiece pieces
+  (summarization).
+
+``metric="auto"`` picks accuracy for classification and, for generation, looks the datamodule's
+task up in :data:`GENERATION_METRICS` (``squad``/``xquad`` -> ``em_f1``, ``wiki_lingua`` ->
+``sp_rouge``). All three are means of per-example scores, so :meth:`MT5Seq2Seq.evaluate_batch`
+returns ``(sum of the batch's scores, batch size)`` and the base class's ``MeanMetric`` (DDP-synced,
+sample-weighted) gives the whole split's score, the number ``text_metrics`` computes from all
+predictions at once. The saved init args (``task.json``) name the resolved metric, so a reloaded
+module scores the same way without a datamodule. The decoded strings, references and scores are kept
+in :attr:`MT5Seq2Seq.generations` (emptied when a validation / test epoch starts).
 
 Batches: ``input_ids``, ``attention_mask``, ``labels``; optionally ``class_index`` (the
 gold choice of a classification example; otherwise it is the choice whose tokens equal
 ``labels``), ``choice_labels`` (per-example choices ``(B, C, L)``, -100 padded, overriding
-the label names) and ``targets`` (reference strings for generation; otherwise ``labels``
-decoded).
+the label names), ``references`` (every gold string of each example, for generation) and
+``targets`` (the target string, the reference when ``references`` is absent; otherwise
+``labels`` decoded).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +48,10 @@ from ..optim import OptimSpec
 from .llama_nli import resolve_dtype
 
 IGNORE = -100
+METRICS = ("auto", "accuracy", "em_f1", "sp_rouge")
+#: the metric of each generation task (base task names and their aliases, as the cross-lingual
+#: datamodule's ``base_task`` / the first part of its ``task`` name)
+GENERATION_METRICS = {"squad": "em_f1", "xquad": "em_f1", "wiki_lingua": "sp_rouge", "wikilingua": "sp_rouge"}
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,10 +77,6 @@ def pad_choices(token_ids: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [IGNORE] * (length - len(t)) for t in token_ids], dtype=torch.long)
 
 
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().split())
-
-
 class MT5Seq2Seq(TaskModule):
     """Full finetune of ``MT5ForConditionalGeneration``; rank classification or greedy generation."""
 
@@ -78,11 +95,14 @@ class MT5Seq2Seq(TaskModule):
         label_smoothing: float = 0.0,
         finetune: Literal["full"] = "full",
         lora: Optional[dict] = None,
+        metric: Literal["auto", "accuracy", "em_f1", "sp_rouge"] = "auto",
     ):
         # finetune / lora are accepted so that the saved init args (which include the base
         # class's) construct the module again; mT5 task models are full finetunes only.
         if finetune != "full" or lora:
             raise ValueError("MT5Seq2Seq is a full finetune (finetune='full', no lora)")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         super().__init__(pretrained, finetune="full", optim=optim, label_smoothing=label_smoothing)
         self.tokenizer_name = tokenizer or pretrained
         self.torch_dtype = torch_dtype  # float32 master weights; use precision="bf16-mixed" for speed
@@ -90,6 +110,7 @@ class MT5Seq2Seq(TaskModule):
         self.init_seed = init_seed
         self.max_new_tokens = max_new_tokens
         self.gradient_checkpointing = gradient_checkpointing
+        self.metric = metric
         self._tokenizer = None
         self._choices: Optional[tuple[tuple[str, ...], torch.Tensor]] = None
         self.generations: list[dict] = []
@@ -115,6 +136,15 @@ class MT5Seq2Seq(TaskModule):
         self.model = self.load_base().requires_grad_(True)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def setup(self, stage: str) -> None:
+        # a generation datamodule (CrossLingualDataModule on SQuAD / WikiLingua) has label_names None
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.label_names is None and dm is not None and getattr(dm, "label_names", []) is None:
+            self.label_names, self.templates = [], None
+            self.build_model([], None)
+            return
+        super().setup(stage)
 
     @property
     def tokenizer(self):
@@ -207,24 +237,70 @@ class MT5Seq2Seq(TaskModule):
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     def references(self, batch: dict) -> list[str]:
+        """The target string of each example (``targets``, else ``labels`` decoded)."""
         if "targets" in batch:
             return list(batch["targets"])
         labels = batch["labels"].masked_fill(batch["labels"] == IGNORE, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(labels, skip_special_tokens=True)
 
+    def reference_lists(self, batch: dict) -> list[list[str]]:
+        """Every gold string of each example: ``references`` when the batch has them, else the target."""
+        if "references" in batch:
+            return [[r] if isinstance(r, str) else list(r) for r in batch["references"]]
+        return [[r] for r in self.references(batch)]
+
     # ----- evaluation ---------------------------------------------------------------
+    def resolve_metric(self, task: Optional[str] = None) -> str:
+        """The evaluation metric for this module's labels and the (datamodule's) ``task`` name."""
+        if self.metric != "auto":
+            if (self.metric == "accuracy") != self.is_classification:
+                kind = "classification" if self.is_classification else "generation"
+                raise ValueError(f"metric {self.metric!r} does not fit a {kind} task")
+            return self.metric
+        if self.is_classification:
+            return "accuracy"
+        if task is not None and task in GENERATION_METRICS:
+            return GENERATION_METRICS[task]
+        raise ValueError(f"no metric known for the generation task {task!r} (known: {sorted(GENERATION_METRICS)}); "
+                         "pass metric='em_f1' or 'sp_rouge'")
+
+    def _datamodule_task(self) -> Optional[str]:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        task = getattr(dm, "base_task", None) or getattr(dm, "task", None)
+        return None if task is None else str(task).split("-")[0]
+
+    @property
+    def eval_metric(self) -> str:
+        """The resolved metric (``metric``, or for ``"auto"`` from the labels and the datamodule's task)."""
+        return self.resolve_metric(self._datamodule_task())
+
+    def text_scores(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+        """Per-example scores of generated text under :attr:`eval_metric` (``src/evaluate/text_metrics.py``)."""
+        # imported here: the evaluate package imports the finetune modules (load_task_model)
+        from ...evaluate.text_metrics import em_f1_scores, sp_rouge_scores
+
+        if self.eval_metric == "em_f1":
+            return em_f1_scores(predictions, references)["em_f1"]
+        if self.eval_metric == "sp_rouge":
+            return sp_rouge_scores(predictions, references, self.tokenizer)["sp_rouge"]
+        raise ValueError(f"metric {self.eval_metric!r} does not score generated text")
+
     def evaluate_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the batch's per-example scores, batch size): the number correct for accuracy,
+        summed EM/F1 means or SP-ROUGE scores for generation (a float tensor then)."""
         n = len(batch["input_ids"])
+        metric = self.eval_metric
         if self.is_classification:
             choices = batch["choice_labels"] if "choice_labels" in batch else self.choice_labels
             choices = choices.to(batch["input_ids"].device)
             preds = self.choice_scores(batch["input_ids"], batch["attention_mask"], choices).argmax(dim=-1)
             return (preds == self.gold_choice(batch, choices)).sum(), torch.tensor(n, device=preds.device)
-        predictions, references = self.generate(batch), self.references(batch)
-        self.generations.extend({"prediction": p, "reference": r} for p, r in zip(predictions, references))
-        correct = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+        predictions, references = self.generate(batch), self.reference_lists(batch)
+        scores = self.text_scores(predictions, references)
+        self.generations.extend({"prediction": p, "reference": r[0], "references": r, metric: s}
+                                for p, r, s in zip(predictions, references, scores))
         device = batch["input_ids"].device
-        return torch.tensor(correct, device=device), torch.tensor(n, device=device)
+        return torch.tensor(sum(scores), dtype=torch.float32, device=device), torch.tensor(n, device=device)
 
     def on_validation_epoch_start(self) -> None:
         self.generations = []
@@ -253,7 +329,19 @@ class MT5Seq2Seq(TaskModule):
     def save_adapter(self, directory: Path) -> None:
         raise RuntimeError("mT5 task models are full finetunes: export trained_state_dict()")
 
+    def init_args(self) -> dict:
+        args = super().init_args()
+        try:  # the resolved metric: a reloaded module needs no datamodule to know it
+            args["metric"] = self.eval_metric
+        except ValueError:
+            pass
+        return args
+
     def task_hparams(self) -> dict:
         hp = super().task_hparams()
         hp.update(torch_dtype=self.torch_dtype, max_new_tokens=self.max_new_tokens)
+        try:  # what val_acc / test_acc of the exported metrics measure
+            hp["metric"] = self.eval_metric
+        except ValueError:
+            hp["metric"] = self.metric
         return hp
