@@ -128,7 +128,7 @@ def bench_knots(root: Path, device: str, rows: list, models=None) -> None:
             row["dense_s"] = f"~{one * len(modules):.0f} (1 module: {one:.1f} s, x{len(modules)})"
             row["speedup"] = f"~{one * len(modules) / factored_s:.0f}"
         else:
-            row["dense_s"] = "~6 h (one 4096x4096 module: 338 s, ALGORITHMS.md)"
+            row["dense_s"] = "~6 h (one 4096x4096 module: 338 s, docs/algorithms.md)"
         print(json.dumps(row), flush=True)
         rows.append(row)
         shutil.rmtree(work)

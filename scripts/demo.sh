@@ -3,8 +3,12 @@
 #   1. creates .venv if needed (scripts/setup_env.sh)
 #   2. finetunes four text tasks with LoRA on the real pretrained all-MiniLM-L6-v2 encoder
 #      (skips tasks whose checkpoint exists; delete checkpoints/demo to start over)
-#   3. merges the four task models with six methods and scores every merged model on
-#      every task's test split: checkpoints/demo-merged/results.md
+#   3. evaluates: the finetuned and zero-shot references, every merge method with its
+#      hyperparameters selected on validation (quick grids), the Ensemble and the joint
+#      benchmark; rows in checkpoints/demo-eval/rows.jsonl (finished ones are skipped on a
+#      re-run), tables in checkpoints/demo-eval/report.md, plot in sensitivity.png
+# Extra arguments go to the evaluation, e.g. the KnOTS paper's full grids:
+#   bash scripts/demo.sh --protocol knots --rows checkpoints/demo-eval-knots/rows.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import src.merge, src.finetune, lightning, peft" 2>/dev/null; then
@@ -13,4 +17,4 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/python -m src.finetune.train_all --config configs/finetune/demo.yaml \
   --tasks-file configs/finetune/tasks/demo.yaml --output checkpoints/demo
-.venv/bin/python scripts/demo_merge.py --tasks-dir checkpoints/demo --output checkpoints/demo-merged
+.venv/bin/python -m src.evaluate --config configs/evaluate/demo.yaml --print_report true "$@"

@@ -28,6 +28,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0], default_config_files=[])
     parser.add_argument("--config", action="config")
     parser.add_class_arguments(EvalConfig, as_group=False)
+    parser.add_argument("--print_report", type=bool, default=False, help="print report.md when done")
     return parser
 
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     quiet_known_noise()
     parser = build_parser()
     cfg = parser.parse_args(argv)
-    cfg = parser.instantiate_classes(cfg)
+    cfg = (parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes)(cfg)
     config = EvalConfig(**{k: v for k, v in vars(cfg).items() if k in EvalConfig.__dataclass_fields__})
     from .run import EvaluationRun, write_reports
 
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     print(f"rows: {run.rows_path} ({len(run.store)})")
     for path in paths:
         print(f"wrote {path}")
+    if cfg.print_report and paths:
+        print("\n" + paths[0].read_text())
     return 0
 
 

@@ -546,10 +546,20 @@ def plot_sensitivity(rows: Rows, path, *, metric: str = "acc", normalized: bool 
             anchor, anchor_kind = dict(max(means[first], key=lambda pm: pm[1])[0]), "best"
         for param in varied:
             others = [k for k in varied if k != param]
+            # the curve through the anchor; in a staged search (lambda first at a starting top-k, then
+            # top-k) the anchor's other values may have been tried with one value of `param` only:
+            # then the curve is the stage that varied `param` (the other values it was searched at)
+            key_of = lambda pr: tuple(_canonical_json(pr.get(k)) for k in others)  # noqa: E731
+            first_split = next((sp for sp in splits if sp in means), None)
+            counts: dict[tuple, set] = {}
+            for pr, _ in means.get(first_split, []):
+                counts.setdefault(key_of(pr), set()).add(_canonical_json(pr.get(param)))
+            at = key_of(anchor)
+            if len(counts.get(at, ())) < 2 and counts:
+                at = max(counts, key=lambda k: len(counts[k]))
             series = {}
             for split in splits:
-                pts = [(pr.get(param), y) for pr, y in means.get(split, [])
-                       if all(_canonical_json(pr.get(k)) == _canonical_json(anchor.get(k)) for k in others)]
+                pts = [(pr.get(param), y) for pr, y in means.get(split, []) if key_of(pr) == at]
                 if pts:
                     series[split] = sorted(pts, key=lambda xy: (0, xy[0], "") if _is_number(xy[0]) else (1, 0, str(xy[0])))
             if not series:

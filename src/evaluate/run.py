@@ -17,6 +17,8 @@ One run serves one experiment (a set of task models finetuned from one base):
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +91,8 @@ class EvalConfig:
         grid: restrict grids from the command line, e.g. ``{lam: [0.3, 0.5]}``.
         only: evaluate only these methods (labels or names).
         select_on: ``normalized`` (mean over held-in tasks of merged / finetuned) or ``absolute``.
-        metric: the task metric rows are selected on (what the task modules log: ``acc``).
+        metric: ``auto`` (each task's own metric: accuracy, or EM/F1 mean for QA and SP-ROUGE for
+            summarization with mT5) or the name of a metric the task modules log.
         grid_splits: splits every grid point is scored on (``[val]``; add ``test`` for sensitivity
             curves of test accuracy).
         ensemble: evaluate the Ensemble baseline.
@@ -112,7 +115,7 @@ class EvalConfig:
     grid: Optional[dict[str, list]] = None
     only: Optional[list[str]] = None
     select_on: str = "normalized"
-    metric: str = "acc"
+    metric: str = "auto"
     grid_splits: list[str] = field(default_factory=lambda: ["val"])
     ensemble: bool = True
     zeroshot: bool = True
@@ -174,14 +177,19 @@ class EvaluationRun:
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
             c = self.config
-            self._evaluator = Evaluator(c.accelerator, c.devices, c.strategy, c.precision, c.progress)
+            # Lightning's per-loop bars only on a terminal (in a log they are a wall of lines); the
+            # run's own bar over grid points always shows
+            self._evaluator = Evaluator(c.accelerator, c.devices, c.strategy, c.precision,
+                                        c.progress and sys.stderr.isatty())
         return self._evaluator
 
     def _task_names(self) -> None:
         from ..task_checkpoint import read_task_info
 
-        self.held_in = [read_task_info(d).task for d in self.config.tasks]
-        self.held_out = [read_task_info(d).task for d in self.config.generalization]
+        infos = [read_task_info(d) for d in list(self.config.tasks) + list(self.config.generalization)]
+        self._infos = {info.task: info for info in infos}
+        self.held_in = [info.task for info in infos[:len(self.config.tasks)]]
+        self.held_out = [info.task for info in infos[len(self.config.tasks):]]
 
     @property
     def all_tasks(self) -> list[str]:
@@ -209,7 +217,17 @@ class EvaluationRun:
     def _what(self, method: str, params: dict, task: str, split: str, stage: str, metric: Optional[str] = None,
               dataset: Optional[str] = None) -> dict[str, Any]:
         return {"experiment": self.config.experiment, "method": method, "params": params, "tasks": self.held_in,
-                "task": task, "split": split, "metric": metric or self.config.metric, "stage": stage, "dataset": dataset}
+                "task": task, "split": split, "metric": metric or self.metric_of(task), "stage": stage, "dataset": dataset}
+
+    def metric_of(self, task: str) -> str:
+        """The name rows give ``task``'s selection metric: what its module scores (``val/acc`` holds
+        the task's own metric: accuracy, or EM/F1 / SP-ROUGE for mT5 generation tasks)."""
+        if self.config.metric != "auto":
+            return self.config.metric
+        self.all_tasks  # noqa: B018 (reads the task.json files)
+        args = ((self._infos[task].hparams or {}).get("module") or {}).get("init_args") or {}
+        own = args.get("metric")  # resolved at export (mT5); other families score accuracy
+        return "acc" if own in (None, "auto", "accuracy") else str(own)
 
     def finetuned(self, task: str, split: str, metric: Optional[str] = None) -> Optional[float]:
         row = self.store.get(**self._what("finetuned", {}, task, split, "reference", metric))
@@ -233,10 +251,11 @@ class EvaluationRun:
             start = time.perf_counter()
             with bank.weights(state, model):
                 result = self.evaluator.metrics(bank.modules[t], self.loader(t, split), split, f"{label} on {t} {split}")
-            metrics = result.metrics
-            if self.config.metric not in metrics:
-                raise EvaluationError(bank.task_dirs[t], f"the task module logs {sorted(metrics)} on {split}, "
-                                                         f"not the metric {self.config.metric!r}")
+            logged = "acc" if self.config.metric == "auto" else self.config.metric
+            if logged not in result.metrics:
+                raise EvaluationError(bank.task_dirs[t], f"the task module logs {sorted(result.metrics)} on {split}, "
+                                                         f"not the metric {logged!r}")
+            metrics = {(self.metric_of(t) if k == logged else k): v for k, v in result.metrics.items()}
             rows = []
             for name, value in metrics.items():
                 rows.append(make_row(**self._what(method, params, t, split, stage, name), label=label, model=model,
@@ -244,7 +263,7 @@ class EvaluationRun:
                                      finetuned=None if method == "finetuned" else self.finetuned(t, split, name),
                                      selection=selection, wall_s=round(result.wall_s, 3)))
             self.store.add(rows)
-            values[t] = metrics[self.config.metric]
+            values[t] = metrics[self.metric_of(t)]
         return values
 
     def score(self, values: dict[str, float], split: str) -> float:
@@ -263,7 +282,22 @@ class EvaluationRun:
             self.method(spec)
         if self.config.ensemble and len(self.held_in) > 1:
             self.ensemble()
+        if self.timing:
+            self.write_timing()
         return list(self.store)
+
+    def write_timing(self) -> None:
+        """Per method: seconds to merge + apply a grid point vs to evaluate it (``timing.json``)."""
+        summary: dict[str, dict[str, float]] = {}
+        for t in self.timing:
+            s = summary.setdefault(t["method"], {"points": 0, "merge_apply_s": 0.0, "evaluate_s": 0.0})
+            s["points"] += 1
+            s["merge_apply_s"] += t["merge_apply_s"]
+            s["evaluate_s"] += t["evaluate_s"]
+        for s in summary.values():
+            s["merge_apply_fraction"] = s["merge_apply_s"] / max(s["evaluate_s"], 1e-9)
+        path = self.rows_path.parent / "timing.json"
+        path.write_text(json.dumps({"grid_splits": self.config.grid_splits, "per_method": summary}, indent=2) + "\n")
 
     def references(self) -> None:
         tasks = self.all_tasks
@@ -308,9 +342,10 @@ class EvaluationRun:
             return state
 
         model_id = f"{spec.method}@{self.config.experiment}"
+        best_score = None  # the incumbent: a later stage only moves away from it when a point beats it
         for s, stage in enumerate(search["stages"]):
             points = expand_grid(stage)
-            best, best_score = None, None
+            best = None
             bar = tqdm(points, desc=f"{label}: stage {s + 1}/{len(search['stages'])}", leave=False,
                        disable=not self.config.progress, dynamic_ncols=True)
             for point in bar:
@@ -329,7 +364,7 @@ class EvaluationRun:
                     self.timing.append({"method": spec.method, "merge_apply_s": self._merge_s,
                                         "evaluate_s": total - self._merge_s})
                 score = self.score(values, "val")
-                if best_score is None or score > best_score:
+                if best_score is None or score > best_score:  # ties keep the earlier point
                     best, best_score = point, score
             chosen.update(best or {})
         params = full({})

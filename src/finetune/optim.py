@@ -12,8 +12,8 @@ import torch
 class OptimSpec:
     """AdamW with a warmup then cosine / linear / constant decay, stepped every optimizer step.
 
-    ``warmup`` < 1 is a fraction of the total steps (PROTOCOLS B: 0.06), >= 1 a step count.
-    ``optimizer="sgd"`` (ZipIt / MuDSC from-scratch training, PROTOCOLS E) uses ``momentum``,
+    ``warmup`` < 1 is a fraction of the total steps (docs/protocols.md B: 0.06), >= 1 a step count.
+    ``optimizer="sgd"`` (ZipIt / MuDSC from-scratch training, docs/protocols.md E) uses ``momentum``,
     ``nesterov`` and ``weight_decay`` (L2 added to the gradient); ``betas`` / ``eps`` are AdamW's.
     """
 

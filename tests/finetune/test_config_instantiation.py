@@ -1,4 +1,4 @@
-"""Every experiment config (PROTOCOLS A-E, demo) instantiates through the CLI with a tiny model.
+"""Every experiment config (docs/protocols.md A-E, demo) instantiates through the CLI with a tiny model.
 
 For each ``configs/finetune/*.yaml`` the objects are built exactly as ``python -m src.finetune fit
 --config X`` builds them -- :func:`src.finetune.__main__.main` with ``run=False`` (the same

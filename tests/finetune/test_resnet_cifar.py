@@ -1,4 +1,4 @@
-"""PROTOCOLS E: CIFAR class-subset datamodule and the from-scratch ResNet-20 with a CLIP text head.
+"""docs/protocols.md E: CIFAR class-subset datamodule and the from-scratch ResNet-20 with a CLIP text head.
 
 Offline: a tiny CIFAR-10-like DatasetDict (class-dependent patterns) saved in the test, and a tiny
 CLIP text tower built from a config.

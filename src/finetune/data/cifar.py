@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 restricted to one of ``num_subsets`` disjoint class subsets (PROTOCOLS E, MuDSC / ZipIt).
+"""CIFAR-10 / CIFAR-100 restricted to one of ``num_subsets`` disjoint class subsets (docs/protocols.md E, MuDSC / ZipIt).
 
 The classes are split the way the ZipIt / MuDSC code does it (a random half of the classes per
 model: 50+50 for CIFAR-100, 5+5 for CIFAR-10), but reproducibly: subset ``k`` is the ``k``-th

@@ -1,4 +1,4 @@
-"""Cross-lingual seq2seq tasks of the compositional-generalization paper (PROTOCOLS D) for mT5.
+"""Cross-lingual seq2seq tasks of the compositional-generalization paper (docs/protocols.md D) for mT5.
 
 Each example becomes (source text, target text) through a prompt; ``labels`` are always the
 target ids with padding set to -100 (what the seq2seq loss ignores).

@@ -1,5 +1,5 @@
 """DomainNet per (category, domain), as in "Realistic Evaluation of Model Merging for Compositional
-Generalization" (PROTOCOLS D): one task model per pair, classifying among its category's classes
+Generalization" (docs/protocols.md D): one task model per pair, classifying among its category's classes
 with a frozen CLIP text head over "a photo of a {}.".
 
 ``data/domainnet/categories.json`` holds the category -> classes table (345 classes in 24

@@ -1,4 +1,4 @@
-"""The six KnOTS NLI tasks (PROTOCOLS B) as LightningDataModules of tokenized sentence pairs.
+"""The six KnOTS NLI tasks (docs/protocols.md B) as LightningDataModules of tokenized sentence pairs.
 
 Every task model has a 3-way head (entailment, neutral, contradiction); the two-class tasks QNLI,
 RTE and SciTail have ``label_names = ["entailment", "not_entailment"]`` and labels 0/1, and the

@@ -48,7 +48,7 @@ def cut(n: int, first: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def val_test_from_test(n_test: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
-    """PROTOCOLS A for tasks without a validation split: validation = first ``val_fraction`` of a
+    """docs/protocols.md A for tasks without a validation split: validation = first ``val_fraction`` of a
     seeded permutation of the test set, test = the rest. Returns ``(val_indices, test_indices)``."""
     return cut(n_test, split_count(n_test, val_fraction), seed)
 

@@ -1,6 +1,6 @@
 """The eight KnOTS / task-vectors vision tasks as LightningDataModules over Hugging Face ``datasets``.
 
-Splits follow PROTOCOLS A: Cars, GTSRB, MNIST, SUN397 and SVHN publish no validation split, so
+Splits follow docs/protocols.md A: Cars, GTSRB, MNIST, SUN397 and SVHN publish no validation split, so
 validation is the first ``val_fraction`` (20%) of a seeded permutation of the test set and test is
 the other 80%; DTD, EuroSAT and RESISC45 use their own validation and test splits. Images are
 preprocessed exactly as CLIP does (resize shortest side, center crop, CLIP mean/std), because the

@@ -1,4 +1,4 @@
-"""Decoder-LLM sequence classifier for the NLI tasks (PROTOCOLS B: Llama-3-8B, six NLI tasks).
+"""Decoder-LLM sequence classifier for the NLI tasks (docs/protocols.md B: Llama-3-8B, six NLI tasks).
 
 ``AutoModelForSequenceClassification`` with a 3-way ``score`` head, LoRA on the attention
 projections, optionally on a 4-bit / 8-bit bitsandbytes base so that one 24-80 GB GPU
@@ -26,7 +26,7 @@ HEAD_MODULE = "score"
 
 
 def llama_lora_spec() -> LoraSpec:
-    """PROTOCOLS B: rank 16, alpha 16 on the four attention projections."""
+    """docs/protocols.md B: rank 16, alpha 16 on the four attention projections."""
     return LoraSpec(r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 

@@ -1,4 +1,4 @@
-"""ResNet-20 for CIFAR trained from scratch with a frozen CLIP text-embedding head (PROTOCOLS E, MuDSC / ZipIt).
+"""ResNet-20 for CIFAR trained from scratch with a frozen CLIP text-embedding head (docs/protocols.md E, MuDSC / ZipIt).
 
 Network (:class:`ResNet20`): 3x3 conv to ``16*width`` channels, three stages of three basic blocks
 (``16w``, ``32w``, ``64w`` channels, stride 1 / 2 / 2; 1x1-conv + norm shortcut where the shape
