@@ -108,8 +108,26 @@ class RowStore:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._drop_torn_tail()
         self.rows = read_rows(self.path)
         self._keys = {row_key(r): r for r in self.rows}
+
+    def _drop_torn_tail(self) -> None:
+        """A killed run's half-written last line is cut off (its measurement is redone); a complete
+        last row without its newline gets one, so appended rows start on a line of their own."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n") + 1
+            try:
+                json.loads(data[cut:])
+            except ValueError:
+                f.truncate(cut)
+            else:
+                f.write(b"\n")
 
     def has(self, **what: Any) -> bool:
         return row_key(what) in self._keys

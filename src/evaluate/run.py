@@ -216,7 +216,7 @@ class EvaluationRun:
     # ----- rows ----------------------------------------------------------------------
     def _what(self, method: str, params: dict, task: str, split: str, stage: str, metric: Optional[str] = None,
               dataset: Optional[str] = None) -> dict[str, Any]:
-        return {"experiment": self.config.experiment, "method": method, "params": params, "tasks": self.held_in,
+        return {"experiment": self.config.experiment, "method": method, "params": params, "tasks": sorted(self.held_in),
                 "task": task, "split": split, "metric": metric or self.metric_of(task), "stage": stage, "dataset": dataset}
 
     def metric_of(self, task: str) -> str:

@@ -81,9 +81,6 @@ def test_sweep_selects_the_validation_argmax_and_reports_its_test_value(sweep, d
             assert finetuned[t, split] == pytest.approx(want, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="run.py: _what() keys rows by tasks=self.held_in in config "
-                   "order, make_row stores them sorted: with unsorted tasks no row is ever found again (finetuned=None, "
-                   "score() divides by None, resuming re-evaluates everything)")
 def test_task_order_does_not_matter(sweep, demo_tasks, tmp_path):
     config, path = sweep
     rows = tmp_path / "rows.jsonl"
@@ -156,8 +153,6 @@ def test_killed_run_redoes_only_the_missing_rows(sweep, tmp_path, monkeypatch):
     assert len(out) == len(full)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="rows.py: RowStore appends after a torn last line without dropping it, "
-                                       "so the first new row is glued to it and the file no longer reads")
 def test_rows_file_is_readable_after_resuming_a_torn_write(sweep, tmp_path):
     config, path = sweep
     full = read_rows(path)
