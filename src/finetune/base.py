@@ -243,14 +243,21 @@ class TaskModule(L.LightningModule):
         preds = self.logits(batch).argmax(dim=-1)
         return (preds == batch["labels"]).sum(), torch.tensor(len(preds), device=preds.device)
 
-    def _eval_step(self, batch: dict, split: str) -> None:
+    def update_split_metric(self, metric: MeanMetric, batch: dict) -> int:
+        """Add one batch to a split's sample-weighted metric; returns the batch's example count.
+        The one metric code: Lightning's validation / test steps (finetuning and the evaluation
+        stage) and the export's evaluation outside the loops all go through it."""
         correct, total = self.evaluate_batch(batch)
         total = total.to(correct.device)
-        if int(total) == 0:
-            return
+        if int(total) > 0:
+            metric.update(correct.float() / total.float(), weight=total.float())
+        return int(total)
+
+    def _eval_step(self, batch: dict, split: str) -> None:
         metric = self.val_acc if split == "val" else self.test_acc
-        metric.update(correct.float() / total.float(), weight=total.float())
-        self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(total))
+        n = self.update_split_metric(metric, batch)
+        if n:
+            self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

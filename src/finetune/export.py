@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
+from torchmetrics import MeanMetric
 
 from ..safe_output import TASK_MARKER, atomic_directory, check_output, note
 from ..task_checkpoint import ADAPTER_DIR, FULL_WEIGHTS, HEAD_WEIGHTS, TaskInfo, write_task_info
@@ -103,8 +104,11 @@ def format_metrics(metrics: dict) -> str:
 @torch.no_grad()
 def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] = None,
                       progress: Optional[str] = None) -> float:
-    """Sample-weighted accuracy of ``module`` over ``loader`` (uses ``module.evaluate_batch``: the
-    task's own per-example metric where the module defines one, e.g. SP-ROUGE for mT5 summaries);
+    """Sample-weighted accuracy of ``module`` over ``loader``, computed by the code of the module's
+    validation step (``update_split_metric``: the task's own per-example metric where the module
+    defines one, e.g. SP-ROUGE for mT5 summaries). It runs inside ``fit`` (zero-shot before
+    training, the selected weights after), where Lightning's loops cannot be re-entered; the
+    evaluation stage runs the same steps through ``trainer.validate`` / ``trainer.test``.
     ``progress``: show a transient progress bar with this description."""
     if progress:
         from tqdm.auto import tqdm
@@ -115,7 +119,8 @@ def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] =
     context = contextlib.nullcontext()
     if trainer is not None:
         context = trainer.precision_plugin.forward_context()
-    correct = total = 0
+    metric = MeanMetric(sync_on_compute=False).to(module.device)  # the validation step's metric, per process
+    total = 0
     try:
         with context:
             for batch in loader:
@@ -123,12 +128,10 @@ def evaluate_accuracy(module: TaskModule, loader, trainer: Optional[L.Trainer] =
                     batch = trainer.strategy.batch_to_device(batch)
                 else:
                     batch = module.transfer_batch_to_device(batch, module.device, 0)
-                c, n = module.evaluate_batch(batch)
-                correct += float(c)  # a count, or a sum of per-example scores (mT5 EM/F1, SP-ROUGE)
-                total += int(n)
+                total += module.update_split_metric(metric, batch)
     finally:
         module.train(was_training)
-    return correct / total if total else float("nan")
+    return float(metric.compute()) if total else float("nan")
 
 
 def evaluate_splits(module: TaskModule, datamodule, splits=("val", "test"), trainer=None,

