@@ -90,9 +90,27 @@ class Evaluator:
         """(logits (N, C), labels (N,)) of ``module.predict_step`` over ``loader``, in loader order."""
         self._describe(what or "predict")
         outputs = self.trainer.predict(module, dataloaders=loader, return_predictions=True) or []
-        logits = torch.cat([o["logits"].float().cpu() for o in outputs]) if outputs else torch.empty(0, 0)
-        labels = torch.cat([o["labels"].cpu() for o in outputs]) if outputs else torch.empty(0, dtype=torch.long)
-        return logits, labels
+        logits = torch.cat([o["logits"].float() for o in outputs]) if outputs else torch.empty(0, 0)
+        labels = torch.cat([o["labels"] for o in outputs]) if outputs else torch.empty(0, dtype=torch.long)
+        if self.trainer.world_size > 1:
+            logits, labels = self._gather(logits, labels, dataset_size(loader))
+        return logits.cpu(), labels.cpu()
+
+    def _gather(self, logits: torch.Tensor, labels: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's predictions in dataset order. Lightning's predict sampler deals example
+        ``i`` to rank ``i % world`` (no padding, no repeats); ranks pad to one length to gather.
+        (Written for multi-device runs; the tests here exercise one device only.)"""
+        world = self.trainer.world_size
+        per_rank = -(-total // world)
+        pad = per_rank - len(labels)
+        if pad:
+            logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
+            labels = torch.cat([labels, labels.new_full((pad,), -1)])
+        strategy = self.trainer.strategy
+        all_logits = strategy.all_gather(logits)  # (world, per_rank, C)
+        all_labels = strategy.all_gather(labels)
+        order = lambda t: t.transpose(0, 1).reshape(world * per_rank, *t.shape[2:])[:total]  # noqa: E731
+        return order(all_logits), order(all_labels)
 
 
 def dataset_size(loader) -> int:

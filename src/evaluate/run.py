@@ -394,8 +394,8 @@ class EvaluationRun:
 
         for t in self.held_in:
             what = self._what("ensemble", {}, t, "test", "reference")
-            if self.store.has(**what):
-                continue
+            if self.store.has(**what) or not self.classifies(t):
+                continue  # done, or generated text: no class scores to take the most confident of
             start = time.perf_counter()
             labels = self._logits(t, t, t)[1]
             preds = ensemble_per_task([self._logits(m, t, t)[0] for m in self.held_in])
@@ -411,6 +411,10 @@ class EvaluationRun:
                 return ensemble_joint([p[0] for p in per_model]), per_model[0][1], per_model[0][2]
 
             self.joint("Ensemble", "ensemble", {}, "task models", None, joint_logits=pooled)
+
+    def classifies(self, task: str) -> bool:
+        """Whether ``task``'s module scores classes (the Ensemble and the joint head need logits)."""
+        return bool(getattr(self.bank.modules[task], "is_classification", True))
 
     def joint_space(self):
         from .metrics import JointLabelSpace
@@ -464,6 +468,7 @@ class EvaluationRun:
             return
         from .metrics import joint_hits
 
+
         metrics = [f"hits@{k}" for k in spec.ks]
         datasets = ["union"] + self.held_in
         whats = {(d, m): self._what(method, {**params, "duplicate_labels": spec.duplicate_labels}, "joint", "test",
@@ -471,6 +476,10 @@ class EvaluationRun:
                  for d in datasets for m in metrics}
         if all(self.store.has(**w) for w in whats.values()):
             return
+        generative = [t for t in self.held_in if not self.classifies(t)]
+        if generative:
+            raise ValueError(f"joint benchmark: tasks {generative} generate text; it needs classification tasks "
+                             "(set joint.enabled false)")
         start = time.perf_counter()
         if joint_logits is not None:
             logits, targets, names = joint_logits()
