@@ -87,6 +87,12 @@ def datamodule_of(info: TaskInfo, task_dir: Path, overrides: Optional[Mapping[st
     return cls(**args)
 
 
+def _same_network(a: TaskInfo, b: TaskInfo) -> bool:
+    """Full finetunes of one architecture that differ only in their initialization (``#init-``
+    suffix of the base id): every weight of either model comes from its own checkpoint."""
+    return a.kind == b.kind == "full" and a.base_model.split("#init-")[0] == b.base_model.split("#init-")[0]
+
+
 class ModelBank:
     """One base network and a TaskModule per task sharing it (see the module docstring).
 
@@ -97,7 +103,7 @@ class ModelBank:
     """
 
     def __init__(self, task_dirs: Sequence[Union[str, Path]], base: Optional[Union[str, Path]] = None,
-                 device: Union[str, torch.device] = "cpu"):
+                 device: Union[str, torch.device] = "cpu", mixed_inits: bool = False):
         if not task_dirs:
             raise ValueError("an evaluation needs at least one task checkpoint")
         self.task_dirs: dict[str, Path] = {}
@@ -110,6 +116,8 @@ class ModelBank:
             self.task_dirs[info.task], self.infos[info.task] = d, info
         first = next(iter(self.infos.values()))
         for task, info in self.infos.items():
+            if mixed_inits and _same_network(info, first):
+                continue  # full weights from different initializations of one network (experiment E)
             if canonical_base(info.base_model) != canonical_base(first.base_model):
                 raise EvaluationError(self.task_dirs[task], f"was finetuned from {info.base_model!r}, the other tasks "
                                                             f"from {first.base_model!r}: one base per evaluation")

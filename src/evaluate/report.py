@@ -345,10 +345,11 @@ def render_table(rows: Rows, kind: str, *, normalized: bool = False, split: str 
         base = [r for r in base if r.get("group") in GROUPS]
         task_metric = _task_metrics(base, metric)
         chosen = [r for r in base if task_metric.get(r.get("task")) == r.get("metric")]
-    else:
-        if metric is not None and not isinstance(metric, str):
-            raise ValueError(f"the {kind} table takes one metric name, not {metric!r}")
-        chosen = _select(base, metric=metric or "acc")
+    elif isinstance(metric, str):
+        chosen = _select(base, metric=metric)
+    else:  # each task in its own metric (a mapping task -> name, else acc / EM-F1 / SP-ROUGE ...)
+        task_metric = _task_metrics(base, metric)
+        chosen = [r for r in base if task_metric.get(r.get("task")) == r.get("metric")]
     if not chosen:
         what = {"experiment": experiment, "split": split, "stages": list(stages), "metric": metric,
                 "group": group, "task": "joint" if kind == "joint" else "not joint"}

@@ -95,6 +95,12 @@ class EvalConfig:
             summarization with mT5) or the name of a metric the task modules log.
         grid_splits: splits every grid point is scored on (``[val]``; add ``test`` for sensitivity
             curves of test accuracy).
+        grid_generalization: also score every grid point on the generalization tasks (never used to
+            select; for the held-in vs generalization scatter and sensitivity curves).
+        task_head: ``own`` (each task scored with its own head: its own labels, the default and the
+            authors' released DomainNet setting) or ``union`` (a head over every evaluated task's
+            labels, identical label lists counted once: the DomainNet paper's "merged" head;
+            rows' metric ``acc@union``).
         ensemble: evaluate the Ensemble baseline.
         zeroshot: evaluate the base model with each task's head.
         joint: the joint benchmark.
@@ -117,6 +123,8 @@ class EvalConfig:
     select_on: str = "normalized"
     metric: str = "auto"
     grid_splits: list[str] = field(default_factory=lambda: ["val"])
+    grid_generalization: bool = False
+    task_head: str = "own"
     ensemble: bool = True
     zeroshot: bool = True
     joint: JointSpec = field(default_factory=JointSpec)
@@ -145,6 +153,8 @@ class EvaluationRun:
 
     def __init__(self, config: EvalConfig):
         self.config = config
+        if config.task_head not in ("own", "union"):
+            raise ValueError(f"task_head must be 'own' or 'union', got {config.task_head!r}")
         if config.select_on not in ("normalized", "absolute"):
             raise ValueError(f"select_on must be 'normalized' or 'absolute', got {config.select_on!r}")
         if len(config.tasks) < 1:
@@ -162,8 +172,11 @@ class EvaluationRun:
     @property
     def bank(self) -> ModelBank:
         if self._bank is None:
+            # models from different initializations (experiment E) can be scored (references,
+            # Ensemble), never merged nor compared with "the" base
+            mixed = not self.config.zeroshot and all(m.method == "merged" for m in self.methods)
             self._bank = ModelBank(list(self.config.tasks) + list(self.config.generalization), base=self.config.base,
-                                   device=self._device())
+                                   device=self._device(), mixed_inits=mixed)
             self._task_names()
         return self._bank
 
@@ -227,7 +240,28 @@ class EvaluationRun:
         self.all_tasks  # noqa: B018 (reads the task.json files)
         args = ((self._infos[task].hparams or {}).get("module") or {}).get("init_args") or {}
         own = args.get("metric")  # resolved at export (mT5); other families score accuracy
+        if self.config.task_head == "union":
+            return "acc@union"
         return "acc" if own in (None, "auto", "accuracy") else str(own)
+
+    def evaluate_task(self, task: str, split: str, what: str):
+        """``task``'s metrics on ``split`` with the model now in the base: through its module's own
+        steps (``task_head: own``), or as accuracy among the union of every task's labels."""
+        if self.config.task_head == "own":
+            return self.evaluator.metrics(self.bank.modules[task], self.loader(task, split), split, what)
+        from .loop import SplitResult
+        from .metrics import accuracy
+
+        if not self.classifies(task):
+            raise ValueError(f"task_head union: task {task!r} generates text; use task_head own")
+        if not hasattr(self, "_union"):
+            space = self.label_space(self.all_tasks)
+            self._union = (space, self.head_module(self.all_tasks, space))
+        space, module = self._union
+        start = time.perf_counter()
+        logits, labels = self.evaluator.predict(module, self.loader(task, split), what)
+        targets = space.task_to_joint(task, len(self.bank.infos[task].label_names))[labels]
+        return SplitResult({"acc@union": accuracy(logits, targets)}, len(labels), time.perf_counter() - start)
 
     def finetuned(self, task: str, split: str, metric: Optional[str] = None) -> Optional[float]:
         row = self.store.get(**self._what("finetuned", {}, task, split, "reference", metric))
@@ -250,8 +284,9 @@ class EvaluationRun:
                 state = state_fn(t)
             start = time.perf_counter()
             with bank.weights(state, model):
-                result = self.evaluator.metrics(bank.modules[t], self.loader(t, split), split, f"{label} on {t} {split}")
-            logged = "acc" if self.config.metric == "auto" else self.config.metric
+                result = self.evaluate_task(t, split, f"{label} on {t} {split}")
+            logged = self.metric_of(t) if self.config.task_head == "union" else \
+                "acc" if self.config.metric == "auto" else self.config.metric
             if logged not in result.metrics:
                 raise EvaluationError(bank.task_dirs[t], f"the task module logs {sorted(result.metrics)} on {split}, "
                                                          f"not the metric {logged!r}")
@@ -356,7 +391,8 @@ class EvaluationRun:
                 start = time.perf_counter()
                 values = {}
                 for split in self.config.grid_splits:
-                    v = self.score_tasks(spec.method, label, params, model_id, state, self.held_in, split, "grid")
+                    at_grid = self.held_in + (self.held_out if self.config.grid_generalization else [])
+                    v = self.score_tasks(spec.method, label, params, model_id, state, at_grid, split, "grid")
                     if split == "val":
                         values = v
                 if cache:
@@ -407,7 +443,8 @@ class EvaluationRun:
             from .metrics import ensemble_joint
 
             def pooled():
-                per_model = [self._joint_logits(self.bank.task_state(m), str(self.bank.task_dirs[m])) for m in self.held_in]
+                per_model = [self._joint_logits(self.bank.task_state(m), str(self.bank.task_dirs[m]), owner=m)
+                             for m in self.held_in]
                 return ensemble_joint([p[0] for p in per_model]), per_model[0][1], per_model[0][2]
 
             self.joint("Ensemble", "ensemble", {}, "task models", None, joint_logits=pooled)
@@ -416,43 +453,60 @@ class EvaluationRun:
         """Whether ``task``'s module scores classes (the Ensemble and the joint head need logits)."""
         return bool(getattr(self.bank.modules[task], "is_classification", True))
 
-    def joint_space(self):
+    def label_space(self, tasks: Sequence[str], label_file: Optional[str] = None):
+        """The union of ``tasks``' labels: ``label_file`` (e.g. the KnOTS 748 labels), else the tasks'
+        label lists concatenated in order, a task whose list equals an earlier one's sharing its ids
+        (SVHN's digits are MNIST's; DomainNet pairs of one category share its classes)."""
         from .metrics import JointLabelSpace
 
+        if label_file:
+            return JointLabelSpace.from_file(label_file)
+        self.all_tasks  # noqa: B018 (reads the task.json files)
+        names = {t: list(self._infos[t].label_names) for t in tasks}
+        aliases: dict[str, str] = {}
+        for i, t in enumerate(tasks):
+            same = next((u for u in tasks[:i] if u not in aliases and names[u] == names[t]), None)
+            if same is not None:
+                aliases[t] = same
+        return JointLabelSpace.from_tasks(names, aliases)
+
+    def joint_space(self):
         if not hasattr(self, "_joint_space"):
-            spec = self.config.joint
-            if spec.label_file:
-                self._joint_space = JointLabelSpace.from_file(spec.label_file)
-            else:
-                self._joint_space = JointLabelSpace.from_tasks({t: self.bank.infos[t].label_names for t in self.held_in})
+            self._joint_space = self.label_space(self.held_in, self.config.joint.label_file)
         return self._joint_space
 
-    def joint_module(self):
-        """A task module whose head is the concatenation of the tasks' heads (joint label order)."""
-        if not hasattr(self, "_joint_module"):
-            from ..finetune.load import build_module
+    def head_module(self, tasks: Sequence[str], space, owner: Optional[str] = None):
+        """A task module on the shared base whose head concatenates ``tasks``' heads in ``space``'s
+        order; the head's other entries (logit scale, a learned projection) are ``owner``'s
+        (default: the first task's)."""
+        from ..finetune.load import build_module
 
-            bank, space = self.bank, self.joint_space()
-            first = self.held_in[0]
-            heads = {t: bank.modules[t].head_state_dict() for t in self.held_in}
-            module = build_module(bank.infos[first], bank.task_dirs[first])
-            module.label_names = list(space.names)
-            if hasattr(module, "attach_base"):
-                module.attach_base(bank.base, trainable=False)
-            else:
-                module.model = bank.base
+        bank, first = self.bank, owner or tasks[0]
+        heads = {t: bank.modules[t].head_state_dict() for t in tasks}
+        module = build_module(bank.infos[first], bank.task_dirs[first])
+        module.label_names = list(space.names)
+        if hasattr(module, "attach_base"):
+            module.attach_base(bank.base, trainable=False)
+        else:
+            module.model = bank.base
+        try:
             head = {"weight": space.joint_head({t: h["weight"] for t, h in heads.items()})}
-            for key, value in heads[first].items():  # scale and other per-head constants: the first task's
-                if key != "weight":
-                    head[key] = value
-            module.load_head_state_dict(head)
-            module.requires_grad_(False).eval().to(bank.base.device if hasattr(bank.base, "device") else "cpu")
-            self._joint_module = module
-        return self._joint_module
+        except KeyError as e:  # a label file naming tasks that are not evaluated here
+            raise ValueError(f"joint label space: {e.args[0]}") from None
+        head.update({k: v for k, v in heads[first].items() if k != "weight"})
+        module.load_head_state_dict(head)
+        return module.requires_grad_(False).eval().to(next(bank.base.parameters()).device)
 
-    def _joint_logits(self, state, model: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def joint_module(self, owner: Optional[str] = None):
+        if not hasattr(self, "_joint_modules"):
+            self._joint_modules = {}
+        if owner not in self._joint_modules:
+            self._joint_modules[owner] = self.head_module(self.held_in, self.joint_space(), owner)
+        return self._joint_modules[owner]
+
+    def _joint_logits(self, state, model: str, owner: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         bank, space = self.bank, self.joint_space()
-        module = self.joint_module()
+        module = self.joint_module(owner)
         logits, targets, datasets = [], [], []
         with bank.weights(state, model):
             for t in self.held_in:
@@ -507,13 +561,14 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     from .report import plot_heldin_vs_generalization, plot_sensitivity, render_table
 
     rows = [r for r in run.store if r.get("experiment") == run.config.experiment]
+    metric = {t: run.metric_of(t) for t in run.all_tasks}  # each task's own (accuracy, EM/F1, SP-ROUGE)
     out = run.rows_path.parent
     parts = [f"# {run.config.experiment}: test results\n",
              "Hyperparameters selected on validation "
              f"(protocol `{run.config.protocol}`, score: {run.config.select_on} accuracy averaged over the tasks).\n",
-             "## Accuracy (%)\n", render_table(rows, "pertask", params="varied"),
+             "## Accuracy (%)\n", render_table(rows, "pertask", params="varied", metric=metric),
              "## Normalized accuracy (% of each task's finetuned model)\n",
-             render_table(rows, "pertask", normalized=True, params="none")]
+             render_table(rows, "pertask", normalized=True, params="none", metric=metric)]
     if run.config.generalization:
         parts += ["## Held-in vs generalization\n", render_table(rows, "compositional")]
     if any(r.get("task") == "joint" for r in rows):
@@ -522,10 +577,14 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     report.write_text("\n".join(parts))
     written = [report]
     if any(r.get("stage") == "grid" for r in rows):
+        held = [metric[t] for t in run.held_in]
         plot_sensitivity(rows, out / "sensitivity.png", normalized=True, splits=tuple(run.config.grid_splits),
+                         metric=max(set(held), key=held.count),
                          experiment=run.config.experiment)
         written.append(out / "sensitivity.png")
-        if run.config.generalization:
+        # selection never sees generalization data, so grid points are scored on it only with
+        # grid_generalization: the scatter needs those rows
+        if any(r.get("stage") == "grid" and r.get("group") == "generalization" for r in rows):
             plot_heldin_vs_generalization(rows, out / "heldin_vs_generalization.png", experiment=run.config.experiment)
             written.append(out / "heldin_vs_generalization.png")
     return written

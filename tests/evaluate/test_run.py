@@ -227,3 +227,33 @@ def test_ensemble_and_joint_rows(demo_tasks, tmp_path):
         assert r["value"] == pytest.approx(hit[mask].mean().item(), abs=1e-6), r
         assert r["n"] == int(mask.sum())
         assert r["params"] == {"duplicate_labels": "id"}
+
+
+def test_union_head_scores_each_task_among_every_tasks_labels(demo_tasks, tmp_path):
+    """task_head union (the DomainNet paper's "merged" head): a task's accuracy is the argmax over
+    the heads of every evaluated task concatenated; rows say acc@union and never mix with own-head rows."""
+    from safetensors.torch import load_file
+
+    from src.finetune.load import load_task_model
+    from src.task_checkpoint import head_path
+
+    rows_path = tmp_path / "rows.jsonl"
+    base = dict(experiment="tiny", tasks=[str(demo_tasks[t]) for t in TASKS], protocol=None, methods=[],
+                rows=str(rows_path), progress=False, ensemble=False, zeroshot=False)
+    rows = EvaluationRun(EvalConfig(**base, task_head="union")).run()
+    heads = {t: load_file(str(head_path(demo_tasks[t]))) for t in TASKS}
+    weight = torch.cat([heads[t]["weight"] for t in TASKS])
+    sizes = [len(heads[t]["weight"]) for t in TASKS]
+    offsets = dict(zip(TASKS, [sum(sizes[:i]) for i in range(len(TASKS))]))
+    for t in TASKS:
+        batches = split_batches(demo_tasks[t], "test")
+        feats = _features(load_task_model(demo_tasks[t]), batches)
+        logits = _head_logits(feats, {"weight": weight, "logit_scale": heads[t]["logit_scale"]})
+        want = (logits.argmax(-1) == labels_of(batches) + offsets[t]).float().mean().item()
+        (row,) = pick(rows, method="finetuned", task=t, split="test")
+        assert row["metric"] == "acc@union" and row["value"] == pytest.approx(want, abs=1e-6)
+        own = loop_accuracy(load_task_model(demo_tasks[t]), batches)
+        assert want <= own + 1e-9  # more labels to confuse can only lower accuracy
+    # the own-head run on the same rows file measures anew (a different metric key)
+    rows = EvaluationRun(EvalConfig(**base)).run()
+    assert {r["metric"] for r in rows} == {"acc", "acc@union"}
