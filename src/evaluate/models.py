@@ -5,7 +5,9 @@ builds one light TaskModule per task that shares it, each with its own head. A m
 — a task model, a merged directory, a sweep's grid point — is a *weight state*: parameter name
 (the base model's ``state_dict`` names, as everywhere in the project) -> full weight. It is
 copied into the base parameters in place (:meth:`ModelBank.weights`) and the originals are
-copied back afterwards, bit for bit, so the next model starts from the pristine base.
+copied back afterwards, bit for bit, so the next model starts from the pristine base. A head
+stored inside the base network (Llama's ``score``) is not shared: each task module runs on a view
+of the base with its own copy of those tensors (:func:`private_tensors`).
 
 Task models and merged adapters are read with the merge stage's readers (one adapter reader
 in the project): a LoRA update becomes ``W0 + scale * B @ A``, a merged ``updates`` file
@@ -14,10 +16,12 @@ in the project): a LoRA update becomes ``W0 + scale * B @ A``, a merged ``update
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 
 from ..finetune.load import build_module, load_head
 from ..merge.base_ids import canonical_base
@@ -87,6 +91,39 @@ def datamodule_of(info: TaskInfo, task_dir: Path, overrides: Optional[Mapping[st
     return cls(**args)
 
 
+def _base_tensors_of(values, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of ``tensors`` whose storage holds one of ``values``."""
+    ptrs = {v.data_ptr() for v in values if v.numel()}
+    return [name for name, t in tensors.items() if t.numel() and t.data_ptr() in ptrs]
+
+
+def private_tensors(root: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
+    """A view of ``root`` that shares every submodule, parameter and buffer except ``names``
+    (state-dict names), which it holds as copies: shallow copies of the modules on their paths."""
+    def view(module: torch.nn.Module) -> torch.nn.Module:
+        out = copy.copy(module)
+        out._modules, out._parameters, out._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+        return out
+
+    top = view(root)
+    made = {id(top)}
+    for name in names:
+        *path, leaf = name.split(".")
+        parent = top
+        for part in path:
+            child = parent._modules[part]
+            if id(child) not in made:
+                child = view(child)
+                made.add(id(child))
+                parent._modules[part] = child
+            parent = child
+        if leaf in parent._parameters:
+            parent._parameters[leaf] = torch.nn.Parameter(parent._parameters[leaf].detach().clone(), requires_grad=False)
+        else:
+            parent._buffers[leaf] = parent._buffers[leaf].detach().clone()
+    return top
+
+
 def _same_network(a: TaskInfo, b: TaskInfo) -> bool:
     """Full finetunes of one architecture that differ only in their initialization (``#init-``
     suffix of the base id): every weight of either model comes from its own checkpoint."""
@@ -133,12 +170,31 @@ class ModelBank:
                 module.attach_base(self.base, trainable=False)
             else:
                 module.model = self.base
-            load_head(head_path(self.task_dirs[task]), module)
+            self._load_own_head(module, head_path(self.task_dirs[task]))
             module.requires_grad_(False).eval()
         self.base.to(device)
         for module in self.modules.values():
             module.to(device)
         self.swap = WeightSwap(self.base)
+
+    def _load_own_head(self, module, path: Path) -> None:
+        """Load ``module``'s head; a head that lives inside the base network (Llama's ``score``)
+        gets tensors of its own, so that every task keeps its head on the one shared base."""
+        tensors = self.base.state_dict(keep_vars=True)
+        with safe_open(str(path), framework="pt") as f:
+            named = [k for k in f.keys() if k in tensors]  # head tensors the base may hold
+        originals = {k: tensors[k].detach().clone() for k in named}
+        load_head(path, module)
+        inside = _base_tensors_of(module.head_state_dict().values(), tensors)
+        if not inside:
+            return
+        if module.model is not self.base or not set(inside) <= set(originals):
+            raise EvaluationError(path, f"the head is stored in the base model's {inside[:3]}, which "
+                                        f"{type(module).__name__} does not let tasks share")
+        module.model = private_tensors(self.base, inside)
+        with torch.no_grad():
+            for name in inside:
+                tensors[name].copy_(originals[name])
 
     @property
     def tasks(self) -> list[str]:
@@ -157,8 +213,12 @@ class ModelBank:
     # ----- weight states ---------------------------------------------------------------
     def base_state(self) -> dict[str, torch.Tensor]:
         """The base weights as a state dict for the merge stage (``Sweep(base=...)``). The tensors
-        alias the live parameters: merges must run while no state is swapped in (they do)."""
-        return {n: t.detach() for n, t in self.swap.tensors.items() if t.is_floating_point()}
+        alias the live parameters: merges must run while no state is swapped in (they do).
+        Integer buffers are included (the merge copies them, never merges them): a full task model's
+        ``model.safetensors`` names them too (ResNet's ``num_batches_tracked``), and the merge
+        refuses task tensors its base does not have."""
+        return {n: t.detach() for n, t in self.swap.tensors.items()
+                if t.is_floating_point() or not isinstance(t, torch.nn.Parameter)}
 
     def with_updates(self, updates: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``W0 + dW`` for each update (dense tensor or :class:`LowRank`)."""
@@ -191,10 +251,13 @@ class ModelBank:
         for path in files:
             reader = SafetensorsReader(path)
             for name in reader.keys():
-                if name not in self.swap.tensors or not self.swap.tensors[name].is_floating_point():
+                target = self.swap.tensors.get(name)
+                if target is None or (not target.is_floating_point() and isinstance(target, torch.nn.Parameter)):
                     if info.get("complete_model"):
                         continue  # e.g. non-parameter tensors a model file carries
                     raise EvaluationError(path, f"tensor {name!r} is not a parameter of the base model")
+                if not target.is_floating_point():
+                    continue  # integer buffers (BatchNorm's num_batches_tracked): copied by the merge, never merged
                 value = reader.load(name)
                 if info.get("complete_model") and torch.equal(value.to(self.swap.tensors[name].device),
                                                               self.swap.original(name)):
