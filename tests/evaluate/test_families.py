@@ -14,7 +14,7 @@ family two task checkpoints with perturbed weights (nothing is trained), then:
    from the adapter, ``W_task - W0`` from ``model.safetensors``);
 4. ``Evaluator.metrics`` over uneven synthetic batches gives the accuracy a plain loop over
    ``load_task_model``'s logits gives (mT5: its own ``evaluate_batch``, rank classification);
-   ``Evaluator.predict`` gives the same logits and the class labels (strict xfail for mT5: see there);
+   ``Evaluator.predict`` gives the same logits and the class labels;
 5. the run's selection sweeps (``Sweep(base=bank.base_state())`` + ``bank.with_updates``) give the
    same merged weights.
 
@@ -418,12 +418,6 @@ def test_evaluator_accuracy_equals_a_plain_loop(setup, evaluator):
 
 def test_evaluator_predict_gives_logits_and_class_labels(request, setup, evaluator):
     """The Ensemble's input: ``(logits (N, C), class ids (N,))`` from the module's ``predict_step``."""
-    if setup.family.name == "mt5":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "MT5Seq2Seq.predict_step (TaskModule's) returns batch['labels'], the target TOKEN ids (B, L), not the "
-            "gold choice: Evaluator.predict cannot concatenate batches of different target lengths, and with one "
-            "length the labels would not be class ids. Fix in src/finetune/models/mt5.py: return "
-            "gold_choice(batch, choices) as labels (the D configs set ensemble: false, so no run reaches it today)")))
     bank = setup.bank
     before = snapshot(bank)
     for task, task_dir in setup.dirs.items():
@@ -433,7 +427,15 @@ def test_evaluator_predict_gives_logits_and_class_labels(request, setup, evaluat
         assert_bit_identical(bank, before)
         torch.testing.assert_close(logits, logits_of(load_task_model(task_dir), batches), atol=ATOL, rtol=ATOL)
         assert labels.shape == (sum(BATCH_SIZES),)
-        assert torch.equal(labels, torch.cat([b["labels"] for b in batches]))
+        if setup.family.name == "mt5":  # labels hold the gold answer's tokens: its index among the label names
+            module = bank.modules[task]
+            names = [n.strip() for n in module.label_names]
+            texts = [t for b in batches for t in module.tokenizer.batch_decode(
+                b["labels"].masked_fill(b["labels"] == -100, module.tokenizer.pad_token_id), skip_special_tokens=True)]
+            want = torch.tensor([names.index(t.strip()) for t in texts])
+        else:
+            want = torch.cat([b["labels"] for b in batches])
+        assert torch.equal(labels, want)
 
 
 def test_sweep_on_the_bank_base_state(setup):

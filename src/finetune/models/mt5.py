@@ -315,6 +315,13 @@ class MT5Seq2Seq(TaskModule):
         choices = batch["choice_labels"] if "choice_labels" in batch else self.choice_labels
         return self.choice_scores(batch["input_ids"], batch["attention_mask"], choices.to(batch["input_ids"].device))
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Rank-classification scores and the gold choice index (``labels`` holds target tokens)."""
+        choices = batch["choice_labels"] if "choice_labels" in batch else self.choice_labels
+        choices = choices.to(batch["input_ids"].device)
+        scores = self.logits(batch)
+        return {"logits": scores.float(), "labels": self.gold_choice(batch, choices)}
+
     # ----- export -------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         return untied_state_dict(self.model)
