@@ -483,6 +483,9 @@ class EvaluationRun:
 
         bank, first = self.bank, owner or tasks[0]
         heads = {t: bank.modules[t].head_state_dict() for t in tasks}
+        if any("weight" not in h for h in heads.values()) or any(m.model is not bank.base for m in bank.modules.values()):
+            raise ValueError(f"a head over several tasks' labels needs heads held outside the base network "
+                             f"(CLIP, demo, ResNet); the {bank.infos[first].family} family keeps its head in the base")
         module = build_module(bank.infos[first], bank.task_dirs[first])
         module.label_names = list(space.names)
         if hasattr(module, "attach_base"):
