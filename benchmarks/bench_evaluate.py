@@ -73,7 +73,7 @@ def main() -> None:
     for method, point in POINTS.items():
         start = time.perf_counter()
         sweep = Sweep(method, task_dirs, base=bank.base_state(), progress=False)
-        sweep.merge(point, as_updates=True)  # first call: per-tensor preparation, statistics
+        sweep.merge(point, as_updates=True)  # first call: per-tensor preparation, global reductions
         prepare = time.perf_counter() - start
         merge_s, eval_s = [], []
         for _ in range(args.repeats):

@@ -2,7 +2,7 @@
 
 The engine owns I/O, validation, dtypes, devices and memory; methods only see one
 :class:`TensorGroup`. Peak memory is a few tensors per input (plus the output writer's
-shard buffer), never N whole models. Global statistics take extra passes over the inputs
+shard buffer), never N whole models. global reductions take extra passes over the inputs
 (re-read from disk for dense inputs, kept in memory when the prepared states are small).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .model_files import copy_model_files, write_model_card
 from .registry import MergeMethod, TensorGroup, check_params, get_method
 from .base_ids import canonical_base, declared_base, resolve_base
 from .sources import PeftAdapterReader, align_names, open_base, open_task
-from .statistics import LazyStatistics
+from .reductions import LazyReductions
 from .streaming import StreamedSum, StreamedTensor
 from .updates import LowRank, Update, densify
 from .writers import DEFAULT_SHARD_BYTES, PeftAdapterWriter, ShardedSafetensorsWriter, _nbytes
@@ -268,7 +268,7 @@ class MergeEngine:
         """A re-iterable of ``(name, prepared state)``; memoized in ``cache`` when given."""
 
         def items():
-            for name in self.bar([n for n in self.names if self.is_mergeable(n)], f"{self.method.name}: statistics"):
+            for name in self.bar([n for n in self.names if self.is_mergeable(n)], f"{self.method.name}: reductions"):
                 if cache is not None and name in cache:
                     yield name, cache[name]
                     continue
@@ -279,11 +279,11 @@ class MergeEngine:
 
         return items
 
-    def statistics(self, params: Any, states: Callable[[], Iterator[tuple[str, Any]]]) -> LazyStatistics:
-        """The method's global statistics: computed now, or on first use if deferred."""
-        stats = LazyStatistics(self.method.reductions(params), states)
+    def reductions(self, params: Any, states: Callable[[], Iterator[tuple[str, Any]]]) -> LazyReductions:
+        """The method's global reductions: computed now, or on first use if deferred."""
+        stats = LazyReductions(self.method.reductions(params), states)
         for key in stats:
-            if key not in self.method.deferred_statistics:
+            if key not in self.method.deferred_reductions:
                 stats[key]
         return stats
 
@@ -367,7 +367,7 @@ class MergeEngine:
         if cache_states is None:  # keep states when they are small: LoRA factors or in-memory inputs
             cache_states = self.all_lora or all(getattr(t, "in_memory", False) for t in self.tasks)
         cache: Optional[dict] = {} if cache_states and self.method.reductions(params) else None
-        stats = self.statistics(params, self.prepared_states(params, cache))
+        stats = self.reductions(params, self.prepared_states(params, cache))
 
         def produce(sink: Callable[[str, Any], None]) -> None:
             for name in self.bar(out_names, f"{self.method.name}: merge"):

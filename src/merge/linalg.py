@@ -52,7 +52,7 @@ class FactoredCoefficients:
     """The per-task coefficients ``Vh[i]`` of a factored SVD, kept as ``C_i @ Q_i^T``.
 
     ``C_i: (k, q_i)`` and ``Q_i: (I, q_i)`` take ``(k + I) q_i`` numbers where ``Vh[i]`` takes
-    ``k I`` (4x less for Llama-shaped r16 adapters). Global statistics read every layer's
+    ``k I`` (4x less for Llama-shaped r16 adapters). global reductions read every layer's
     coefficients several times; keeping the factors and multiplying on each read (one small
     matmul, bit-identical every time) keeps a whole model's merge in memory cheaply.
     """

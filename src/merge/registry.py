@@ -1,13 +1,13 @@
 """The merge-method protocol and the registry of methods by name.
 
-A method is a small class with three steps, split so that sweeps and global statistics
+A method is a small class with three steps, split so that sweeps and global reductions
 can reuse work:
 
 * ``prepare(group, params)`` – hyperparameter-independent work on ONE tensor (KnOTS' SVD
   alignment, CART's centering + SVD). Only the fields named in ``prepare_keys`` may be
   read from ``params``; a sweep computes it once per distinct value of those fields.
-* ``reductions(params)`` – global statistics the merge needs first (a global TIES trim
-  threshold, the model-wide majority sign). Each is a :class:`~src.merge.statistics.
+* ``reductions(params)`` – global reductions the merge needs first (a global TIES trim
+  threshold, the model-wide majority sign). Each is a :class:`~src.merge.reductions.
   GlobalReduction` the engine feeds with every tensor's prepared state.
 * ``merge(state, params, stats)`` – the merged *update* of one tensor (dense or
   :class:`~src.merge.updates.LowRank`); the engine adds the base weight.
@@ -75,12 +75,12 @@ class MergeMethod:
     #: Params fields that ``prepare`` depends on (a sweep caches per distinct value).
     prepare_keys: ClassVar[tuple[str, ...]] = ()
     #: Params fields that ``reductions`` depend on (``None``: all of them); a sweep
-    #: computes global statistics once per distinct value.
+    #: computes global reductions once per distinct value.
     reduction_keys: ClassVar[Optional[tuple[str, ...]]] = None
     #: Statistics computed only if a merge asks for them (``stats[key]``): TIES' model-wide
     #: majority sign fills only entries whose trimmed values cancel exactly, which almost
     #: never happens, so its pass over the model is usually skipped.
-    deferred_statistics: ClassVar[tuple[str, ...]] = ()
+    deferred_reductions: ClassVar[tuple[str, ...]] = ()
     #: Number of task models the method requires (``None``: any number >= 1).
     num_tasks: ClassVar[Optional[int]] = None
     #: ``True`` for linear methods (``merge`` returns ``streaming.linear_combination``): on the

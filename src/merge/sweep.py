@@ -1,7 +1,7 @@
 """Hyperparameter sweeps that reuse every piece of hyperparameter-independent work.
 
 Per tensor, ``prepare`` (KnOTS' SVD alignment, CART's centering + SVD) runs once per
-distinct value of the method's ``prepare_keys``; global statistics run once per distinct
+distinct value of the method's ``prepare_keys``; global reductions run once per distinct
 value of its ``reduction_keys``; only ``merge`` runs per grid point.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Sweep:
         states = self._prepared(params)
         skey = self._key(params, self.method.prepare_keys) + self._key(params, self.method.reduction_keys)
         if skey not in self._stats:
-            self._stats[skey] = self.engine.statistics(params, lambda: iter(states.items()))
+            self._stats[skey] = self.engine.reductions(params, lambda: iter(states.items()))
         stats = self._stats[skey]
         merged = {}
         for name in self.engine.names:

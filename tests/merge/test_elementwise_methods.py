@@ -28,7 +28,7 @@ from peft.utils import merge_utils as pm
 
 from src.merge.methods.dare import dare_seed
 from src.merge.registry import TensorGroup, get_method
-from src.merge.statistics import run_reduction
+from src.merge.reductions import run_reduction
 
 from .helpers import reference_elect_and_merge
 

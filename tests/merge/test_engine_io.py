@@ -194,7 +194,7 @@ def test_methods_that_need_a_base_say_so():
 
 
 # ----- engine behaviour --------------------------------------------------------------
-def test_global_statistics_streamed_from_disk_equal_in_memory(tmp_path):
+def test_global_reductions_streamed_from_disk_equal_in_memory(tmp_path):
     """Global TIES re-reads dense inputs per pass; the result equals the cached route."""
     base = base_model()
     states = [full_task_state(base, s) for s in (1, 2, 3)]
@@ -290,7 +290,7 @@ def test_lora_task_arithmetic_stays_factored_and_exports_an_adapter(tmp_path, me
 def test_majority_sign_pass_runs_only_when_an_entry_needs_it(monkeypatch):
     """TIES' model-wide sign fill is deferred: skipped on ordinary data, computed (and used)
     when trimmed values cancel exactly."""
-    from src.merge import statistics
+    from src.merge import reductions as statistics
 
     passes = []
     real = statistics.SignSum.start_pass

@@ -16,7 +16,7 @@ import torch
 from src.merge import Sweep, merge_state_dicts
 from src.merge.methods import _kernels as K
 from src.merge.registry import get_method
-from src.merge.statistics import TopKThreshold, run_reduction
+from src.merge.reductions import TopKThreshold, run_reduction
 
 from .helpers import reference_elect_and_merge
 

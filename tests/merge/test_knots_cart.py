@@ -11,7 +11,7 @@ import yaml
 from src.merge import linalg
 from src.merge.methods import _kernels as K
 from src.merge.registry import TensorGroup, get_method
-from src.merge.statistics import run_reduction
+from src.merge.reductions import run_reduction
 from src.merge.updates import LowRank, densify
 
 D = torch.float64

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..statistics import TopKThreshold, run_reduction
+from ..reductions import TopKThreshold, run_reduction
 
 
 #: Above this many entries the exact histogram selection beats ``torch.topk`` (3x at 9.4M).
@@ -33,7 +33,7 @@ def topk_trim(values: torch.Tensor, density: float) -> tuple[float, Optional[int
     ``0`` when ``k == numel``: keep everything); the quota is ``None`` when
     ``|x| >= threshold`` keeps exactly ``k``, else how many of the entries equal to the
     threshold to keep (the first ones in flat row-major order). Large tensors use the exact
-    bucket-histogram selection of :class:`~src.merge.statistics.TopKThreshold` (3x faster
+    bucket-histogram selection of :class:`~src.merge.reductions.TopKThreshold` (3x faster
     than ``topk``; it counts the ties on the way).
     """
     n = values.numel()

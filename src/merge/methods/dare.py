@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
-from ..statistics import SignSum
+from ..reductions import SignSum
 from ._kernels import dare_drop, elected_sign_sum, ties_combine
 from .ties import check_scope, stacked_updates
 
@@ -36,7 +36,7 @@ class Dare(MergeMethod):
     """``dare_linear``: ``lam * sum_i drop(dW_i)``; ``dare_ties``: ``lam * disjoint_mean``."""
 
     name = "dare"
-    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
+    deferred_reductions = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
 
     @dataclass
     class Params:

@@ -17,13 +17,13 @@ import torch
 
 from ..linalg import DEFAULT_TOL, FactoredCoefficients, dense_concat_svd, factored_concat_svd
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
-from ..statistics import SignSum, TopKThreshold
+from ..reductions import SignSum, TopKThreshold
 from ..updates import LowRank, Update, densify
 from ._kernels import dare_drop, elected_sign_sum, ties_combine, topk_trim
 from .dare import dare_generator
 from .ties import check_scope
 
-#: Names of the global statistics in the ``stats`` dict handed to ``merge``.
+#: Names of the global reductions in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "knots_trim_thresholds"
 MAJORITY_SIGN = "knots_majority_sign"
 
@@ -38,7 +38,7 @@ class KnotsState:
     updates). ``transposed``: row concatenation, where the basis spans the input side and
     ``X[i]`` holds ``(U_i S)^T``. ``low_rank``: return a :class:`LowRank` (LoRA inputs).
     ``coefficients`` is ``X`` itself or, for LoRA inputs, its factors (4x smaller; the
-    global statistics read ``X`` several times, and a whole model's states stay cached).
+    global reductions read ``X`` several times, and a whole model's states stay cached).
     """
 
     name: str
@@ -59,7 +59,7 @@ class Knots(MergeMethod):
     """KnOTS-TA / KnOTS-TIES / KnOTS-DARE-TIES on SVD-aligned task updates."""
 
     name = "knots"
-    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
+    deferred_reductions = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
     accepts_low_rank = True
     compute_dtype = torch.float64
     prepare_keys = ("concat", "svd_tol")
@@ -139,7 +139,7 @@ class Knots(MergeMethod):
             low_rank = False
         return KnotsState(group.name, svd.Vh, svd.U, shape, transposed=row, low_rank=low_rank)  # Vh = S V_i^T
 
-    # ---------------------------------------------------------------- global statistics
+    # ---------------------------------------------------------------- global reductions
 
     def reductions(self, params: Params) -> list[ReductionSpec]:
         specs: list[ReductionSpec] = []

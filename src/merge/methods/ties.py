@@ -19,7 +19,7 @@ exactly. See docs/algorithms.md#ties.
 Either scope keeps exactly ``k = int(density * N)`` entries per task (N: the model's or
 the tensor's entries), also when magnitudes tie with the ``k``-th largest, which is
 common in bf16: among tied entries, those first in (tensor order, flat row-major index)
-order are kept (see :class:`~src.merge.statistics.TopKThresholds`). The tensor order is
+order are kept (see :class:`~src.merge.reductions.TopKThresholds`). The tensor order is
 the engine's (the base model's parameter order), whatever order tensors are merged in.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
-from ..statistics import SignSum, TopKThreshold
+from ..reductions import SignSum, TopKThreshold
 from ..updates import densify
 from ._kernels import elected_sign_sum, ties_combine, topk_trim
 
-#: Names of the global statistics in the ``stats`` dict handed to ``merge``.
+#: Names of the global reductions in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "ties_trim_thresholds"
 MAJORITY_SIGN = "ties_majority_sign"
 
@@ -55,7 +55,7 @@ class Ties(MergeMethod):
     """``dW_m = lam * disjoint_mean(elect_sign(trim(dW)))``, global or per-tensor scope."""
 
     name = "ties"
-    deferred_statistics = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
+    deferred_reductions = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
 
     @dataclass
     class Params:

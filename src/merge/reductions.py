@@ -1,4 +1,4 @@
-"""Global (model-wide) statistics computed by streaming over every tensor.
+"""Global (model-wide) reductions computed by streaming over every tensor.
 
 The engine drives a reduction like this::
 
@@ -214,8 +214,8 @@ def run_reduction(reduction: GlobalReduction, items: Callable[[], Any]) -> Any:
     return reduction.result()
 
 
-class LazyStatistics(Mapping):
-    """Global statistics by name, each computed on first access (then kept).
+class LazyReductions(Mapping):
+    """global reductions by name, each computed on first access (then kept).
 
     ``specs``: ``(name, factory)`` pairs; a factory receives this mapping, so a statistic
     that needs another one (the majority sign needs the trim thresholds) just reads it.

@@ -1,8 +1,8 @@
-"""The streaming global statistics are exact, whatever the scale and precision of the values."""
+"""The streaming global reductions are exact, whatever the scale and precision of the values."""
 import pytest
 import torch
 
-from src.merge.statistics import SignSum, TopKThreshold, run_reduction
+from src.merge.reductions import SignSum, TopKThreshold, run_reduction
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
