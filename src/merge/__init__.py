@@ -34,19 +34,26 @@ def merge(
     save_as: str = "auto",
     progress: bool = True,
     ckpt_prefix: str = "",
+    statistics: Any = None,
     **engine_options,
 ) -> MergeResult:
     """Merge ``tasks`` (paths, state dicts or readers) onto ``base`` with ``method``.
 
     ``save_as``: ``"auto"`` writes a PEFT adapter when every input is a LoRA adapter and
     the method keeps updates low rank (KnOTS, TA, CART), else safetensors of merged
-    weights; ``output=None`` returns the tensors instead of writing them.
+    weights; ``output=None`` returns the tensors instead of writing them. ``statistics``: the
+    data statistics data-dependent methods read (Fisher, RegMean, MaTS): a tag such as
+    ``train-n256-seed0`` (each task directory's ``statistics/<tag>/``), or one mapping per task
+    of ``kind -> path or {name: tensor}``.
     """
-    engine = MergeEngine(method, tasks, base=base, device=device, progress=progress, ckpt_prefix=ckpt_prefix)
+    engine = MergeEngine(method, tasks, base=base, device=device, progress=progress, ckpt_prefix=ckpt_prefix,
+                         statistics=statistics)
     return engine.run(dict(params or {}), output=output, save_as=save_as, **engine_options)
 
 
 def merge_state_dicts(method: str, tasks: Sequence[Mapping], base: Optional[Mapping] = None,
-                      save_as: str = "safetensors", **params) -> dict:
-    """In-memory merge of state dicts (or dicts of :class:`LowRank`): returns merged tensors."""
-    return merge(method, tasks, base=base, params=params, save_as=save_as, progress=False).tensors
+                      save_as: str = "safetensors", statistics: Optional[Sequence[Mapping]] = None, **params) -> dict:
+    """In-memory merge of state dicts (or dicts of :class:`LowRank`): returns merged tensors.
+    ``statistics``: per task, ``{kind: {name: tensor}}`` for data-dependent methods."""
+    return merge(method, tasks, base=base, params=params, save_as=save_as, progress=False,
+                 statistics=statistics).tensors

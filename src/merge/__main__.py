@@ -81,6 +81,9 @@ def build_parser(method: Optional[str]) -> ArgumentParser:
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--save_as", type=str, default="auto", help="auto | safetensors | adapter")
     parser.add_argument("--ckpt_prefix", type=str, default="", help="prefix stripped from .ckpt state-dict keys")
+    parser.add_argument("--statistics", type=Optional[str], default=None,
+                        help="data statistics tag for Fisher / RegMean / MaTS (e.g. train-n256-seed0: each task "
+                             "directory's statistics/<tag>/, written by python -m src.statistics)")
     parser.add_argument("--progress", type=bool, default=True)
     methods = list_methods()
     if method in methods and dataclasses.fields(methods[method].Params):
@@ -128,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with sigterm_as_interrupt():  # SIGTERM (timeout, SLURM, docker stop) ends the run like Ctrl-C
             result = merge(cfg.method, cfg.tasks, base=cfg.base, output=cfg.output, params=_params_dict(cfg),
                            device=cfg.device, save_as=cfg.save_as, progress=cfg.progress,
-                           ckpt_prefix=cfg.ckpt_prefix, overwrite=cfg.overwrite)
+                           ckpt_prefix=cfg.ckpt_prefix, overwrite=cfg.overwrite, statistics=cfg.statistics)
     except (UsageError, MergeInputError, OutputError, ValueError) as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2

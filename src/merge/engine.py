@@ -26,7 +26,7 @@ from .memory import peak_rss_bytes, return_freed_memory_to_os, rss_bytes
 from .model_files import copy_model_files, write_model_card
 from .registry import MergeMethod, TensorGroup, check_params, get_method
 from .base_ids import canonical_base, declared_base, resolve_base
-from .sources import PeftAdapterReader, align_names, open_base, open_task
+from .sources import PeftAdapterReader, SafetensorsReader, StateDictReader, align_names, open_base, open_task
 from .reductions import LazyReductions
 from .streaming import StreamedSum, StreamedTensor
 from .updates import LowRank, Update, densify
@@ -57,6 +57,45 @@ class _MemoryMeter:
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
+
+
+def open_statistics(method: MergeMethod, tasks: Sequence[Any], specs: Sequence[Any], statistics: Any):
+    """Per task, ``kind -> reader`` of its data statistics (``None`` without statistics).
+
+    ``statistics``: a tag (``train-n256-seed0``: each task's ``<task_dir>/statistics/<tag>/``,
+    see ``src/task_statistics.py``), or one mapping per task of ``kind -> path | {name: tensor}``.
+    Only the kinds the method ``requires`` are opened.
+    """
+    from ..task_statistics import KINDS, kind_path, statistics_dir
+
+    if statistics is None or not method.requires:
+        return None
+    if isinstance(statistics, (str, Path)):
+        tag, out = str(statistics), []
+        for t in tasks:
+            task_dir = getattr(t, "task_dir", None)
+            if task_dir is None:
+                raise MergeInputError(t.path, f"statistics '{tag}' are looked up in task-checkpoint directories; "
+                                              "this input is not one (pass statistics per task instead)")
+            readers = {k: SafetensorsReader(kind_path(task_dir, tag, k)) for k in method.requires
+                       if kind_path(task_dir, tag, k).is_file()}
+            if not readers and not statistics_dir(task_dir, tag).is_dir():
+                raise MergeInputError(task_dir, f"has no statistics '{tag}' (compute them with `python -m src.statistics`)")
+            out.append(readers)
+        return out
+    if len(statistics) != len(tasks):
+        raise ValueError(f"statistics: one entry per task model expected, got {len(statistics)} for {len(tasks)}")
+    out = []
+    for t, entry in zip(tasks, statistics):
+        readers = {}
+        for kind, source in dict(entry or {}).items():
+            if kind not in KINDS:
+                raise ValueError(f"statistics: unknown kind {kind!r}; known: {KINDS}")
+            if kind in method.requires:
+                readers[kind] = (SafetensorsReader(source) if isinstance(source, (str, Path))
+                                 else StateDictReader(source, f"<{kind} statistics>", kind="full"))
+        out.append(readers)
+    return out
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -97,6 +136,7 @@ class MergeEngine:
         device: Union[str, torch.device] = "cpu",
         progress: bool = True,
         ckpt_prefix: str = "",
+        statistics: Any = None,
     ):
         self.method = get_method(method) if isinstance(method, str) else method
         try:
@@ -143,6 +183,8 @@ class MergeEngine:
                 "pass base=... / --base PATH (only LoRA-only merges may omit it: they output the merged update)"
             )
         self._validate(ckpt_prefix)
+        self.side = open_statistics(self.method, self.tasks, self.task_specs, statistics)
+        self.statistics_spec = statistics if isinstance(statistics, (str, Path)) or statistics is None else "<per task>"
         # W0 enters a group only to turn full weights into updates, or for methods defined on
         # weights (SLERP, MLERP); LoRA merges of low-rank methods never read it (adapter output)
         # or read it once, when writing W0 + dW.
@@ -252,7 +294,43 @@ class MergeEngine:
             updates.append(u)
         if any(isinstance(u, LowRank) for u in updates) and not all(isinstance(u, LowRank) for u in updates):
             updates = [densify(u) for u in updates]  # mixed LoRA and full inputs: dense route
-        return TensorGroup(name=name, base=base, updates=updates)
+        return TensorGroup(name=name, base=base, updates=updates, side=self.side_tensors(name))
+
+    def side_tensors(self, name: str) -> dict[str, list[Optional[torch.Tensor]]]:
+        """This tensor's data statistics per kind and task (float32, on the compute device)."""
+        out: dict[str, list[Optional[torch.Tensor]]] = {}
+        for kind in self.method.requires:
+            entries = []
+            for t, readers in zip(self.tasks, self.side or []):
+                reader = readers.get(kind)
+                if reader is None or name not in reader.keys():
+                    entries.append(None)
+                    continue
+                value = reader.load(name)
+                self._check_finite(value, reader.path, name)
+                entries.append(value.to(device=self.device, dtype=torch.float32))
+            if entries and any(e is not None for e in entries) and not all(e is not None for e in entries):
+                missing = next(t for t, e in zip(self.tasks, entries) if e is None)
+                raise MergeInputError(getattr(missing, "task_dir", missing.path),
+                                      f"has no {kind} statistics for '{name}' while the other task models do")
+            out[kind] = entries
+        return out
+
+    def check_statistics(self, params: Any) -> None:
+        """Every task has the statistics the method needs at ``params`` (else: which task lacks which)."""
+        needed = self.method.required_statistics(params)
+        if not needed:
+            return
+        if self.side is None:
+            raise ValueError(f"method '{self.method.name}' needs data statistics ({', '.join(needed)}) of every "
+                             "task model: compute them with `python -m src.statistics` and pass statistics=TAG "
+                             "(--statistics TAG)")
+        for t, spec, readers in zip(self.tasks, self.task_specs, self.side):
+            lacking = [k for k in needed if k not in readers]
+            if lacking:
+                raise MergeInputError(getattr(t, "task_dir", t.path),
+                                      f"has no {', '.join(lacking)} statistics for method '{self.method.name}'"
+                                      f" (compute them with `python -m src.statistics`)")
 
     def passthrough(self, name: str) -> torch.Tensor:
         """A non-float tensor (integer buffers): copied from the base or the first task."""
@@ -348,6 +426,7 @@ class MergeEngine:
         """
         params = params if params is not None and not isinstance(params, dict) else self.method.make_params(**(params or {}))
         check_params(params, self.method.name)
+        self.check_statistics(params)
         mode = self.resolve_save_as(save_as)
         replacing = accepted = None
         if output is not None:
@@ -406,6 +485,7 @@ class MergeEngine:
             "contents": contents,
             "complete_model": complete,
             "partial": mode == "safetensors" and not complete,
+            "statistics": None if self.side is None else str(self.statistics_spec),
             "device": str(self.device),
             "num_tensors": len(out_names),
             "num_merged_tensors": len(self.names),

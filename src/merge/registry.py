@@ -39,6 +39,16 @@ class TensorGroup:
     name: str
     base: Optional[torch.Tensor]
     updates: list[Update]
+    #: data statistics of this tensor per kind (``fisher``, ``gram``, ``kfac_in``, ``kfac_out``;
+    #: see ``src/task_statistics.py``), one entry per task in task order, ``None`` for a tensor the
+    #: statistics do not cover (e.g. a LayerNorm weight has no Gram matrix). Only the kinds the
+    #: method ``requires`` are loaded.
+    side: dict[str, list[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
+
+    def covered(self, kind: str) -> bool:
+        """Every task has ``kind`` statistics for this tensor."""
+        entries = self.side.get(kind)
+        return bool(entries) and all(e is not None for e in entries)
 
     @property
     def shape(self) -> torch.Size:
@@ -88,6 +98,13 @@ class MergeMethod:
     streams_linear: ClassVar[bool] = False
     #: Compute in float64 (precision-sensitive SVDs) instead of float32.
     compute_dtype: ClassVar[torch.dtype] = torch.float32
+    #: Kinds of data statistics the method may read (``TensorGroup.side``); the engine loads
+    #: these for every tensor from each task's statistics (``merge(..., statistics=TAG)``).
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def required_statistics(self, params: Any) -> tuple[str, ...]:
+        """The kinds a merge with ``params`` cannot do without (checked before merging)."""
+        return self.requires
 
     def make_params(self, **overrides) -> Any:
         """The method's ``Params`` with ``overrides`` applied; unknown names are an error."""

@@ -35,8 +35,9 @@ class Sweep:
     """
 
     def __init__(self, method: Union[str, MergeMethod], tasks: Sequence[Any], base: Any = None,
-                 device: str = "cpu", progress: bool = True, ckpt_prefix: str = ""):
-        self.engine = MergeEngine(method, tasks, base=base, device=device, progress=progress, ckpt_prefix=ckpt_prefix)
+                 device: str = "cpu", progress: bool = True, ckpt_prefix: str = "", statistics: Any = None):
+        self.engine = MergeEngine(method, tasks, base=base, device=device, progress=progress, ckpt_prefix=ckpt_prefix,
+                                  statistics=statistics)
         self.method = self.engine.method
         self._states: dict[tuple, dict[str, Any]] = {}
         self._stats: dict[tuple, dict] = {}
@@ -60,6 +61,7 @@ class Sweep:
         """The merged model at one setting (``params``: the method's Params or a dict)."""
         if isinstance(params, Mapping):
             params = self.method.make_params(**params)
+        self.engine.check_statistics(params)
         states = self._prepared(params)
         skey = self._key(params, self.method.prepare_keys) + self._key(params, self.method.reduction_keys)
         if skey not in self._stats:
