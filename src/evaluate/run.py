@@ -32,6 +32,7 @@ from ..merge.sweep import expand_grid
 from .loop import Evaluator, dataset_size, split_loader
 from .models import EvaluationError, ModelBank, datamodule_of
 from .protocols import restrict, search_for
+from ..task_statistics import statistics_tag
 from .rows import RowStore, make_row
 
 
@@ -47,6 +48,9 @@ class MethodSpec:
         stages: the search (override the protocol's): a list of grids, searched in order.
         reuse: ``{hyperparameter: other method}``: take that value from the other method's selection.
         path: the merged directory for ``method: merged``.
+        statistics: data statistics of data-dependent methods (Fisher, RegMean, MaTS): overrides
+            of the run's ``statistics`` (``split``, ``n``, ``seed``). A grid may also search the
+            number of examples as ``n_examples`` (Fisher: 256..2048, KnOTS App. E).
     """
 
     method: str
@@ -55,6 +59,7 @@ class MethodSpec:
     stages: Optional[list[dict[str, list]]] = None
     reuse: Optional[dict[str, str]] = None
     path: Optional[str] = None
+    statistics: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -105,6 +110,9 @@ class EvalConfig:
         zeroshot: evaluate the base model with each task's head.
         joint: the joint benchmark.
         data: DataModule init-arg overrides for every task (``data_root``, ``eval_batch_size``...).
+        statistics: where data-dependent methods' statistics come from: ``split`` (train, val: the
+            papers differ), ``n`` examples, ``seed`` of the subset; computed once per task model
+            into its ``statistics/<split>-n<n>-seed<seed>/`` and reused (``python -m src.statistics``).
         accelerator, devices, strategy, precision: the Lightning Trainer's.
         merge_device: where merges are computed.
         report: write ``report.md`` (tables) and ``sensitivity.png`` next to the rows.
@@ -129,6 +137,7 @@ class EvalConfig:
     zeroshot: bool = True
     joint: JointSpec = field(default_factory=JointSpec)
     data: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=lambda: {"split": "train", "n": 256, "seed": 0})
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: str = "auto"
@@ -361,18 +370,28 @@ class EvaluationRun:
             if other not in self.selected:
                 raise ValueError(f"method {label!r} reuses {param!r} from {other!r}, which has not run before it")
             chosen[param] = self.selected[other][param]
-        sweep: Optional[Sweep] = None
+        sweeps: dict[Optional[str], Sweep] = {}  # one per statistics tag (the data a merge reads)
+        stats = {**self.config.statistics, **(spec.statistics or {})}
 
         def full(point: dict) -> dict:
-            return dataclasses.asdict(merge_method.make_params(**{**chosen, **point}))
+            """The row's hyperparameters: the method's (all fields) + the statistics it reads."""
+            merge_point = {k: v for k, v in {**chosen, **point}.items() if k != "n_examples"}
+            params = dataclasses.asdict(merge_method.make_params(**merge_point))
+            if merge_method.required_statistics(merge_method.make_params(**merge_point)):
+                n = {**chosen, **point}.get("n_examples", stats["n"])
+                params["statistics"] = statistics_tag(stats["split"], n, stats.get("seed", 0))
+            return params
 
         def state_of(params: dict):
-            nonlocal sweep
-            if sweep is None:
-                sweep = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
-                              device=self.config.merge_device, progress=False)
+            tag = params.get("statistics")
+            merge_params = {k: v for k, v in params.items() if k != "statistics"}
+            if tag not in sweeps:
+                if tag is not None:
+                    self.ensure_statistics(merge_method.required_statistics(merge_method.make_params(**merge_params)), tag)
+                sweeps[tag] = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
+                                    device=self.config.merge_device, progress=False, statistics=tag)
             start = time.perf_counter()
-            state = self.bank.with_updates(sweep.merge(params, as_updates=True))
+            state = self.bank.with_updates(sweeps[tag].merge(merge_params, as_updates=True))
             self._merge_s = time.perf_counter() - start
             return state
 
@@ -412,6 +431,16 @@ class EvaluationRun:
         once = lambda: cached.setdefault("s", state())
         self.score_tasks(spec.method, label, params, model_id, once, self.all_tasks, "test", "selected", selection)
         self.joint(label, spec.method, params, model_id, once)
+
+    def ensure_statistics(self, kinds: Sequence[str], tag: str) -> None:
+        """Each merged task model's statistics ``tag`` of ``kinds`` (computed once, then read)."""
+        from ..statistics import collect_statistics
+
+        split, rest = tag.split("-n", 1)
+        n, seed = rest.split("-seed")
+        for task_dir in self.config.tasks:
+            collect_statistics(task_dir, kinds=tuple(kinds), split=split, n=int(n), seed=int(seed),
+                               accelerator=self.config.accelerator, devices=1, data=self.config.data)
 
     # ----- Ensemble and joint ------------------------------------------------------------
     def _logits(self, task_model: str, head_task: str, data_task: str) -> torch.Tensor:
