@@ -6,6 +6,12 @@ for Model Merging"). Since ``W_i - W_avg = dW_i - mean_j dW_j``, the merged upda
 full SVD of every centered update once, ``merge`` only truncates, so a ``lam`` / rank
 sweep never repeats an SVD. LoRA inputs stay factored: all centered updates live in
 ``span(Q_B) x span(Q_A)`` and only ``nr x nr`` cores are decomposed.
+
+Per-task coefficients (``weights`` and/or a ``coefficients`` table, src/merge/coefficients.py)
+weight each task's low-rank centered vector: ``W = W_avg + lam * sum_i w_i c_i(name)
+LR_k(W_i - W_avg)`` (CART++, Eq. 6 of the CART paper, with ``lam = 1`` and a learned table).
+Tensors that get the plain average (not 2-D, not matched by ``low_rank_params``, ``k = 0``)
+take no coefficient.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..coefficients import Coefs, check_coefficient_params, task_coefficients
 from ..linalg import centered_lowrank_cores
 from ..registry import MergeMethod, TensorGroup, register
 from ..updates import LowRank, Update, densify
@@ -64,12 +71,19 @@ class Cart(MergeMethod):
             use the attention and MLP matrices only (``attn|mlp``, open_clip names), so
             embeddings / projections get the average; ``configs/merge/cart.yaml`` sets that.
             Every other tensor (non-2-D, or not matched) gets exactly the average.
+        weights: per-task multipliers ``w_i`` of the low-rank centered vectors, in merge order.
+            Default None (all 1).
+        coefficients: path of a coefficient table (src/merge/coefficients.py), ``c_i(name)``
+            per tensor, e.g. a learned CART++ (AdaMerging on CART) table. Default None.
+            ``W = W_avg + lam * sum_i w_i c_i(name) LR_k(W_i - W_avg)``.
         """
 
         lam: float = 2.0
         rank_ratio: float = 0.12
         rank: Optional[int] = None
         low_rank_params: Optional[str] = None
+        weights: Optional[list[float]] = None
+        coefficients: Optional[str] = None
 
         def __post_init__(self):
             if not 0.0 <= self.rank_ratio <= 1.0:
@@ -81,6 +95,7 @@ class Cart(MergeMethod):
                     re.compile(self.low_rank_params)
                 except re.error as e:
                     raise ValueError(f"cart: low_rank_params is not a valid regex: {e}") from None
+            check_coefficient_params("cart", self)
 
     def prepare(self, group: TensorGroup, params: Params) -> CartState:
         """Centering + full SVD of each centered update (factored for LoRA inputs).
@@ -109,17 +124,38 @@ class Cart(MergeMethod):
             return 0
         return max(1, int(params.rank_ratio * min(shape[0], shape[1])))
 
-    def merge(self, state: CartState, params: Params, stats: dict) -> Update:
+    def truncation(self, state: CartState, params: Params) -> int:
+        """``k`` for this tensor at ``params`` (0: it gets the plain average)."""
         use_low_rank = state.U is not None and (
             params.low_rank_params is None or re.search(params.low_rank_params, state.name) is not None
         )
-        k = min(self.rank_of(state.shape, params), state.S.shape[-1]) if use_low_rank else 0
+        return min(self.rank_of(state.shape, params), state.S.shape[-1]) if use_low_rank else 0
+
+    def merge(self, state: CartState, params: Params, stats: dict) -> Update:
+        coefs = None
+        if self.truncation(state, params) > 0:  # the average takes no coefficient
+            coefs = task_coefficients(params, state.name, state.U.shape[0], self.name)
+        return self.combine(state, params, coefs)
+
+    # ----- per-task coefficients (CART++: src/evaluate/adamerging.py) -------------------
+    def coefficient_state(self, state: CartState, params: Params, stats: dict) -> Optional[CartState]:
+        """The prepared state when coefficients act on this tensor (``k > 0``), else ``None``."""
+        return state if self.truncation(state, params) > 0 else None
+
+    def combine(self, state: CartState, params: Params, coefs: Optional[Coefs]) -> Update:
+        """``mean + lam * sum_i coefs[i] LR_k(centered_i)`` (``coefs=None``: all 1, the plain CART
+        merge); ``coefs`` may be a tensor (autograd). Factored for LoRA inputs."""
+        k = self.truncation(state, params)
         out = state.mean
         if k == 0 and state.QB is None:
             return out.clone()  # never hand out the cached state (a sweep reuses it)
         if k > 0:
             n, p = state.U.shape[0], state.U.shape[1]
-            Uk = (state.U[:, :, :k] * state.S[:, None, :k]).transpose(0, 1).reshape(p, n * k)
+            Uk = state.U[:, :, :k] * state.S[:, None, :k]
+            if coefs is not None:
+                c = coefs if isinstance(coefs, torch.Tensor) else torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in coefs])
+                Uk = Uk * c.to(device=Uk.device, dtype=Uk.dtype).view(n, 1, 1)
+            Uk = Uk.transpose(0, 1).reshape(p, n * k)
             out = torch.addmm(out, Uk, state.Vh[:, :k, :].reshape(n * k, -1), alpha=params.lam)
         if state.QB is None:
             return out

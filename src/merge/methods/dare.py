@@ -4,18 +4,25 @@ The drop mask of a tensor comes from a generator owned by the merge and seeded f
 ``(seed, tensor name)`` only, so the same seed gives the same masks whatever the global
 RNG state, the order tensors are visited in, or the device (masks are drawn on CPU): a
 streaming merge, a sweep and a re-run all agree.
+
+Per-task coefficients (``weights`` and/or a ``coefficients`` table, src/merge/coefficients.py)
+multiply each task's dropped-and-rescaled update (``linear``: ``lam * sum_i w_i c_i(name)
+drop(dW_i)``), or its elected vector before the disjoint mean (``ties``, as in TIES: the sign
+election and the count stay unweighted).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..coefficients import all_ones, check_coefficient_params, task_coefficients
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..reductions import SignSum
 from ._kernels import dare_drop, elected_sign_sum, ties_combine
-from .ties import check_scope, stacked_updates
+from .ties import check_scope, disjoint_combination, elected_entries, stacked_updates
 
 MAJORITY_SIGN = "dare_majority_sign"
 
@@ -37,6 +44,8 @@ class Dare(MergeMethod):
 
     name = "dare"
     deferred_reductions = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
+    # the majority sign never depends on lam or the coefficients
+    reduction_keys = ("p", "mode", "seed", "sign_fill")
 
     @dataclass
     class Params:
@@ -54,6 +63,10 @@ class Dare(MergeMethod):
         sign_fill: ``mode="ties"`` only: sign of entries whose elected sign is 0 —
             ``"tensor"`` (default) majority of the tensor, or ``"global"`` majority of the
             whole model (a first pass over the model with the same masks).
+        weights: per-task multipliers ``w_i`` in merge order. Default None (all 1).
+        coefficients: path of a coefficient table (src/merge/coefficients.py), ``c_i(name)``
+            per tensor. Default None. Each task's dropped update (``ties``: its elected vector)
+            is multiplied by ``w_i c_i(name)`` (module docstring).
         """
 
         p: float = 0.2
@@ -61,6 +74,8 @@ class Dare(MergeMethod):
         mode: str = "linear"
         seed: int = 0
         sign_fill: str = "tensor"
+        weights: Optional[list[float]] = None
+        coefficients: Optional[str] = None
 
         def __post_init__(self):
             if not 0.0 <= self.p < 1.0:
@@ -68,6 +83,7 @@ class Dare(MergeMethod):
             if self.mode not in ("linear", "ties"):
                 raise ValueError(f"dare: mode must be 'linear' or 'ties', got {self.mode!r}")
             check_scope("dare", "sign_fill", self.sign_fill)
+            check_coefficient_params("dare", self)
 
     def dropped(self, group: TensorGroup, params: Params) -> torch.Tensor:
         """Stacked updates after drop-and-rescale, masks from ``(seed, group.name)``."""
@@ -79,8 +95,13 @@ class Dare(MergeMethod):
         return []
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
+        coefs = task_coefficients(params, state.name, state.num_tasks, self.name)
         x = self.dropped(state, params)
-        if params.mode == "linear":
-            return params.lam * x.sum(dim=0)
         fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
-        return ties_combine(x, None, fill).mul_(params.lam)
+        if all_ones(coefs):  # the plain DARE paths, unchanged
+            if params.mode == "linear":
+                return params.lam * x.sum(dim=0)
+            return ties_combine(x, None, fill).mul_(params.lam)
+        if params.mode == "linear":
+            return disjoint_combination(x, coefs, "sum", params.lam)
+        return disjoint_combination(elected_entries(x, None, fill), coefs, "mean", params.lam)

@@ -21,23 +21,34 @@ the tensor's entries), also when magnitudes tie with the ``k``-th largest, which
 common in bf16: among tied entries, those first in (tensor order, flat row-major index)
 order are kept (see :class:`~src.merge.reductions.TopKThresholds`). The tensor order is
 the engine's (the base model's parameter order), whatever order tensors are merged in.
+
+Per-task coefficients (``weights`` and/or a ``coefficients`` table, src/merge/coefficients.py)
+multiply each task's trimmed and elected vector ``E_i`` (its kept entries that agree with the
+elected sign; the election itself is unweighted) before the disjoint merge:
+``dW = lam * sum_i w_i c_i(name) E_i / count`` with ``disjoint="mean"`` (``count``: the number
+of entries ``E_i != 0``, as without coefficients; PEFT's ``ties`` with ``weights``), or
+``dW = lam * sum_i w_i c_i(name) E_i`` with ``disjoint="sum"`` (AdaMerging++: the "dis-sum" of
+the AdaMerging code, ``W0 + sum_i lambda_i E_i``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..coefficients import Coefs, all_ones, check_coefficient_params, task_coefficients, weighted_combination
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..reductions import SignSum, TopKThreshold
 from ..updates import densify
-from ._kernels import elected_sign_sum, ties_combine, topk_trim
+from ._kernels import TieQuota, _column_chunks, _Trim, _trim_chunk, elected_sign_sum, ties_combine, topk_trim
 
 #: Names of the global reductions in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "ties_trim_thresholds"
 MAJORITY_SIGN = "ties_majority_sign"
 
 SCOPES = ("global", "tensor")
+DISJOINT = ("mean", "sum")
 
 
 def stacked_updates(group: TensorGroup) -> torch.Tensor:
@@ -50,12 +61,59 @@ def check_scope(method: str, field: str, value: str) -> None:
         raise ValueError(f"{method}: {field} must be 'global' or 'tensor', got {value!r}")
 
 
+def elected_entries(x: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
+                    fill: Union[None, float, Callable[[], float]] = None, tie_quota: TieQuota = None) -> torch.Tensor:
+    """Each task's trimmed vector with only the entries that agree with the elected sign:
+    ``E_i = trim(x)_i`` where ``sign(trim(x)_i) == elect_sign(trim(x))``, else 0 (same shape as ``x``).
+
+    The same trim, election and zero-sign fill as :func:`~src.merge.methods._kernels.ties_combine`
+    (whose output is ``sum_i E_i / #{i: E_i != 0}``), chunked the same way; ``fill`` is called
+    only where an elected sign is 0 over nonzero values.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    rule = None if thresholds is None else _Trim(x, thresholds, tie_quota)
+    out = torch.empty_like(flat)
+    sign_total = torch.zeros((), dtype=x.dtype, device=x.device)
+    pending = []
+    for start, xc in _column_chunks(flat):
+        stop = start + xc.shape[1]
+        xt = _trim_chunk(xc, None if rule is None else rule.block(start, stop))
+        s = torch.sign(xt.sum(dim=0))
+        out[:, start:stop] = xt * ((xt * s) > 0)
+        sign_total += s.sum()
+        zero = (s == 0).nonzero().squeeze(1)
+        if zero.numel():
+            unresolved = zero[(xt[:, zero] != 0).any(dim=0)]
+            if unresolved.numel():
+                pending.append(unresolved + start)
+    if pending:
+        f = float(torch.sign(sign_total)) if fill is None else float(fill() if callable(fill) else fill)
+        if f != 0:
+            idx = torch.cat(pending)
+            xt = _trim_chunk(flat[:, idx], None if rule is None else rule.at(idx))
+            out[:, idx] = xt * ((xt * f) > 0)
+    return out.reshape(x.shape)
+
+
+def disjoint_combination(elected: torch.Tensor, coefs: Optional[Coefs], disjoint: str, lam: float) -> torch.Tensor:
+    """``lam * sum_i coefs[i] E_i`` (``disjoint="sum"``), divided by ``#{i: E_i != 0}`` (``"mean"``).
+    ``coefs=None``: all 1. Out of place, so ``coefs`` may be tensors (AdaMerging's autograd)."""
+    n = elected.shape[0]
+    out = weighted_combination(elected, [1.0] * n if coefs is None else coefs)
+    if disjoint == "mean":
+        out = out / (elected != 0).sum(dim=0).clamp(min=1)
+    return out * lam
+
+
 @register
 class Ties(MergeMethod):
     """``dW_m = lam * disjoint_mean(elect_sign(trim(dW)))``, global or per-tensor scope."""
 
     name = "ties"
     deferred_reductions = (MAJORITY_SIGN,)  # needed only where trimmed values cancel exactly
+    # the trim thresholds and majority sign never depend on lam, disjoint or the coefficients
+    reduction_keys = ("density", "trim_scope", "sign_fill")
 
     @dataclass
     class Params:
@@ -75,18 +133,33 @@ class Ties(MergeMethod):
             original TIES, KnOTS): majority sign of the whole model. ``"tensor"``: majority
             sign of the tensor (parameter block); the compositional-generalization paper
             uses it together with ``trim_scope="global"``.
+        disjoint: how the elected entries are combined. ``"mean"`` (default; the TIES paper):
+            per entry, the (weighted) sum over the tasks whose entry survived, divided by their
+            number. ``"sum"``: that sum undivided (AdaMerging++'s "dis-sum"; re-applying its
+            learned table needs ``disjoint="sum", lam=1``).
+        weights: per-task multipliers ``w_i`` in merge order. Default None (all 1).
+        coefficients: path of a coefficient table (src/merge/coefficients.py), ``c_i(name)``
+            per tensor, e.g. a learned AdaMerging++ table. Default None. Task ``i``'s elected
+            vector is multiplied by ``w_i c_i(name)`` before the disjoint merge; the sign election
+            and the count of the mean stay unweighted (module docstring).
         """
 
         lam: float = 1.0
         density: float = 0.2
         trim_scope: str = "global"
         sign_fill: str = "global"
+        disjoint: str = "mean"
+        weights: Optional[list[float]] = None
+        coefficients: Optional[str] = None
 
         def __post_init__(self):
             if not 0.0 <= self.density <= 1.0:
                 raise ValueError(f"ties: density must be in [0, 1], got {self.density}")
             check_scope("ties", "trim_scope", self.trim_scope)
             check_scope("ties", "sign_fill", self.sign_fill)
+            if self.disjoint not in DISJOINT:
+                raise ValueError(f"ties: disjoint must be 'mean' or 'sum', got {self.disjoint!r}")
+            check_coefficient_params("ties", self)
 
     def reductions(self, params: Params) -> list[ReductionSpec]:
         specs: list[ReductionSpec] = []
@@ -109,6 +182,20 @@ class Ties(MergeMethod):
         return x, [t for t, _ in trims], [q for _, q in trims]
 
     def merge(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
+        coefs = task_coefficients(params, state.name, state.num_tasks, self.name)
+        if params.disjoint == "mean" and all_ones(coefs):  # the plain TIES path, unchanged
+            x, thresholds, quota = self.trim_inputs(state, params, stats)
+            fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
+            return ties_combine(x, thresholds, fill, tie_quota=quota).mul_(params.lam)
+        return self.combine(self.coefficient_state(state, params, stats), params, coefs)
+
+    # ----- per-task coefficients (AdaMerging++: src/evaluate/adamerging.py) -------------
+    def coefficient_state(self, state: TensorGroup, params: Params, stats: dict) -> torch.Tensor:
+        """The elected vectors ``E`` of one tensor, ``(n_tasks, *shape)``: independent of the coefficients."""
         x, thresholds, quota = self.trim_inputs(state, params, stats)
         fill = (lambda: stats[MAJORITY_SIGN]) if params.sign_fill == "global" else None
-        return ties_combine(x, thresholds, fill, tie_quota=quota).mul_(params.lam)
+        return elected_entries(x, thresholds, fill, tie_quota=quota)
+
+    def combine(self, elected: torch.Tensor, params: Params, coefs: Optional[Coefs]) -> torch.Tensor:
+        """``lam * disjoint_{mean|sum}(coefs[i] * E_i)``; ``coefs`` may be tensors (autograd)."""
+        return disjoint_combination(elected, coefs, params.disjoint, params.lam)
