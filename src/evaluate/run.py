@@ -147,6 +147,12 @@ class EvalConfig:
     progress: bool = True
 
 
+#: methods whose coefficients are learned on unlabeled data -> the task vectors they weight
+LEARNED = {"adamerging": "ta", "adamerging++": "ties", "cart++": "cart"}
+#: ``fixed`` keys of a learned method that set the optimization, not the merge
+RECIPE_KEYS = ("steps", "lr", "batch_size", "init", "layer_wise", "seed", "eval_batches")
+
+
 def _as_method_spec(value) -> MethodSpec:
     if isinstance(value, MethodSpec):
         return value
@@ -362,6 +368,9 @@ class EvaluationRun:
                              {"on": None, "protocol": "as merged"})
             self.joint(label, "merged", params, str(spec.path), state)
             return
+        if spec.method in LEARNED:
+            self.learned(spec)
+            return
         merge_method = get_method(spec.method)
         search = restrict(search_for(spec.method, self.config.protocol,
                                      {"fixed": spec.fixed, "stages": spec.stages, "reuse": spec.reuse}), self.config.grid)
@@ -431,6 +440,42 @@ class EvaluationRun:
         once = lambda: cached.setdefault("s", state())
         self.score_tasks(spec.method, label, params, model_id, once, self.all_tasks, "test", "selected", selection)
         self.joint(label, spec.method, params, model_id, once)
+
+    def learned(self, spec: MethodSpec) -> None:
+        """AdaMerging, AdaMerging++ and CART++: coefficients learned on the held-in tasks' UNLABELED
+        test inputs (entropy minimization, as the papers do), saved as a table next to the rows and
+        re-applied by a plain merge; the learned table is reused by a re-run."""
+        from ..merge.coefficients import CoefficientTable
+        from .adamerging import learn_coefficients
+
+        label = spec.label or spec.method
+        fixed = dict(spec.fixed or {})
+        recipe = {k: fixed.pop(k) for k in RECIPE_KEYS if k in fixed}
+        safe = "".join(c if c.isalnum() or c in "+-_" else "_" for c in spec.method)
+        path = self.rows_path.parent / "coefficients" / f"{safe}.json"
+        if path.is_file():
+            meta = CoefficientTable.load(path).meta
+            method, merge_params = meta["method"], {**meta["method_params"], "coefficients": str(path)}
+        else:
+            result = learn_coefficients(self.bank, LEARNED[spec.method], self.held_in, lambda t: self.loader(t, "test"),
+                                        merge_params=fixed, output=path, merge_device=self.config.merge_device,
+                                        progress=self.config.progress, **recipe)
+            method, merge_params = result.method, result.merge_params
+        params = {**dataclasses.asdict(get_method(method).make_params(**merge_params)), "learned": spec.method,
+                  **{k: v for k, v in recipe.items()}}
+        selection = {"on": "test inputs, unlabeled (entropy)", "protocol": spec.method}
+        cached: dict[str, Any] = {}
+
+        def state():
+            if "s" not in cached:
+                sweep = Sweep(method, self.config.tasks, base=self.bank.base_state(),
+                              device=self.config.merge_device, progress=False)
+                cached["s"] = self.bank.with_updates(sweep.merge(merge_params, as_updates=True))
+            return cached["s"]
+
+        model_id = f"{spec.method}@{self.config.experiment}"
+        self.score_tasks(spec.method, label, params, model_id, state, self.all_tasks, "test", "selected", selection)
+        self.joint(label, spec.method, params, model_id, state)
 
     def ensure_statistics(self, kinds: Sequence[str], tag: str) -> None:
         """Each merged task model's statistics ``tag`` of ``kinds`` (computed once, then read)."""
