@@ -184,6 +184,7 @@ class MergeEngine:
             )
         self._validate(ckpt_prefix)
         self.side = open_statistics(self.method, self.tasks, self.task_specs, statistics)
+        self.side_kinds = tuple(self.method.requires)  # narrowed to what the params need (check_statistics)
         self.statistics_spec = statistics if isinstance(statistics, (str, Path)) or statistics is None else "<per task>"
         # W0 enters a group only to turn full weights into updates, or for methods defined on
         # weights (SLERP, MLERP); LoRA merges of low-rank methods never read it (adapter output)
@@ -299,7 +300,7 @@ class MergeEngine:
     def side_tensors(self, name: str) -> dict[str, list[Optional[torch.Tensor]]]:
         """This tensor's data statistics per kind and task (float32, on the compute device)."""
         out: dict[str, list[Optional[torch.Tensor]]] = {}
-        for kind in self.method.requires:
+        for kind in self.side_kinds:
             entries = []
             for t, readers in zip(self.tasks, self.side or []):
                 reader = readers.get(kind)
@@ -319,6 +320,7 @@ class MergeEngine:
     def check_statistics(self, params: Any) -> None:
         """Every task has the statistics the method needs at ``params`` (else: which task lacks which)."""
         needed = self.method.required_statistics(params)
+        self.side_kinds = tuple(needed) or tuple(self.method.requires)
         if not needed:
             return
         if self.side is None:

@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from src.merge import merge
+from src.merge import get_method, merge
 from src.merge.__main__ import main as cli_main
 from src.merge.errors import MergeInputError
 from src.merge.sources import PeftAdapterReader
 from src.safe_output import OutputError, atomic_directory, check_output
 from src.task_checkpoint import TaskCheckpointError, TaskInfo, read_task_info, write_task_info
+from src.task_statistics import kind_path
 
 from .helpers import base_model, full_task_state, save_lora_adapter
 
@@ -50,6 +51,25 @@ def _task_dirs(root: Path, n: int = 3, base_id: str = "tiny") -> list[str]:
             write_task_info(d, TaskInfo(task=f"t{i}", base_model=base_id, family="test", kind="lora", label_names=["a"]))
         dirs.append(str(root / f"task{i}"))
     return dirs
+
+
+def _write_statistics(tasks: list[str], kinds, tag: str) -> None:
+    """Random data statistics of the right shapes for every LoRA-targeted weight of each task."""
+    shapes = {k: v.shape for k, v in base_model().state_dict().items() if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    for i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(100 + i)
+        for kind in kinds:
+            tensors = {}
+            for name, (o, n_in) in shapes.items():
+                if kind == "fisher":
+                    tensors[name] = torch.rand(o, n_in, generator=g)
+                else:
+                    k = o if kind == "kfac_out" else n_in
+                    m = torch.randn(k, k, generator=g)
+                    tensors[name] = m @ m.T / k + 0.1 * torch.eye(k)
+            path = kind_path(task, tag, kind)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path))
 
 
 def _cli(*args) -> int:
@@ -115,13 +135,20 @@ def test_every_merge_config_runs_from_the_cli(tmp_path, config):
     tasks = _task_dirs(tmp_path / "ckpt", n=2 if method == "slerp" else 3)
     base = _hf_base(tmp_path / "pretrained")
     out = tmp_path / "merged"
-    rc = _cli("--config", REPO / "configs/merge" / config, "--base", base, "--tasks", json.dumps(tasks), "--output", out)
+    m = get_method(method)
+    needed = m.required_statistics(m.make_params(**spec["params"]))  # data-dependent methods: a statistics tag
+    if needed:
+        _write_statistics(tasks, needed, "train-n4-seed0")
+    extra = ["--statistics", "train-n4-seed0"] if needed else []
+    rc = _cli("--config", REPO / "configs/merge" / config, "--base", base, "--tasks", json.dumps(tasks), "--output", out,
+              *extra)
     assert rc == 0
     info = json.loads((out / "merge.json").read_text())
     assert info["method"] == method and "README.md" in {p.name for p in out.iterdir()}
     assert {k: info["params"][k] for k in spec["params"]} == spec["params"]  # the config's values were used
     # what was written is the API's merge with the config's hyperparameters
-    direct = merge(method, tasks, base=base, params=info["params"], save_as=info["save_as"], progress=False).tensors
+    direct = merge(method, tasks, base=base, params=info["params"], save_as=info["save_as"], progress=False,
+                   statistics=info["statistics"]).tensors
     if info["save_as"] == "adapter":
         written = PeftAdapterReader(out)
         assert set(written.keys()) == set(direct)
