@@ -15,6 +15,11 @@ Sources (see ``docs/protocols.md``):
   on held-in validation only.
 * ``cart`` — CART: lambda x rank ratio (the paper's setting rho ~ 8%; released configs
   lambda 1.5-2.0, rho 0.12-0.32).
+* data-dependent methods: RegMean's ``a`` 0..1; MaTS' CG iterations 10..100 starting from TA's
+  selected lambda (``reuse: {lam_init: task_arithmetic.lam}``); Fisher over the number of
+  examples (``n_examples`` 256..2048, a statistics setting rather than a merge hyperparameter)
+  and its scaling (KnOTS App. E). AdaMerging / AdaMerging++ / CART++ learn their coefficients
+  instead of searching a grid (``run.py``).
 * ``quick`` — the demo's short grids (a subset of ``knots``), to fit a 2-core laptop budget.
 """
 from __future__ import annotations
@@ -25,6 +30,8 @@ LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 TOPK = [round(0.1 * i, 1) for i in range(1, 11)]
 DARE_P_KNOTS = [0.99] + [round(0.1 * i, 1) for i in range(9, 0, -1)]
 DARE_SEEDS = [420, 421, 422, 423, 424]
+FISHER_N = [256, 512, 1024, 2048]  # examples the Fisher is estimated on (KnOTS App. E)
+REGMEAN_A = [round(0.1 * i, 1) for i in range(0, 11)]  # off-diagonal scaling of the Gram matrices
 
 Stage = dict[str, list]
 Search = dict[str, Any]  # {"fixed": {...}, "stages": [Stage, ...], "reuse": {param: method}}
@@ -39,6 +46,9 @@ PROTOCOLS: dict[str, dict[str, Search]] = {
         "knots": {"fixed": {"base_method": "ties", "density": 0.3},
                   "stages": [{"lam": LAMBDAS}, {"density": TOPK}]},
         "cart": {"stages": [{"lam": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "rank_ratio": [0.04, 0.08, 0.12, 0.16, 0.32]}]},
+        # KnOTS App. E baselines: Fisher over the number of examples and the scaling, RegMean's a
+        "fisher": {"stages": [{"n_examples": FISHER_N}, {"normalize": ["none", "model"]}]},
+        "regmean": {"stages": [{"a": REGMEAN_A}]},
     },
     "compositional": {
         "average": {},
@@ -48,12 +58,19 @@ PROTOCOLS: dict[str, dict[str, Search]] = {
         "ties": {"fixed": {"trim_scope": "global", "sign_fill": "tensor"}, "stages": [{"lam": LAMBDAS}]},
         "dare": {"fixed": {"mode": "linear"}, "reuse": {"lam": "task_arithmetic"},
                  "stages": [{"p": [round(0.1 * i, 1) for i in range(0, 10)]}]},
+        "fisher": {},  # statistics on the validation set in the paper: statistics.split val
+        "regmean": {"stages": [{"a": REGMEAN_A}]},
+        # MaTS starts from TA at its selected lambda, then N CG iterations 10..100
+        "mats": {"reuse": {"lam_init": "task_arithmetic.lam"},
+                 "stages": [{"iterations": [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]}]},
     },
     "cart": {
         "average": {},
         "task_arithmetic": {"stages": [{"lam": LAMBDAS}]},
         "ties": {"stages": [{"lam": LAMBDAS}, {"density": TOPK}]},
         "cart": {"stages": [{"lam": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "rank_ratio": [0.04, 0.08, 0.12, 0.16, 0.32]}]},
+        "fisher": {"stages": [{"n_examples": FISHER_N}]},
+        "regmean": {"stages": [{"a": REGMEAN_A}]},
     },
     "quick": {
         "average": {},
@@ -62,6 +79,9 @@ PROTOCOLS: dict[str, dict[str, Search]] = {
         "dare": {"fixed": {"mode": "ties", "p": 0.5, "seed": 420}, "stages": [{"lam": [0.5, 0.7, 1.0]}, {"p": [0.2, 0.7]}]},
         "knots": {"fixed": {"base_method": "ties", "density": 0.3}, "stages": [{"lam": [0.5, 0.7, 1.0]}, {"density": [0.2, 0.5]}]},
         "cart": {"stages": [{"lam": [0.5, 1.0, 1.5], "rank": [4, 8]}]},
+        "fisher": {"stages": [{"normalize": ["none", "model"]}]},
+        "regmean": {"stages": [{"a": [0.3, 0.6, 0.9]}]},
+        "mats": {"reuse": {"lam_init": "task_arithmetic.lam"}, "stages": [{"iterations": [10, 50]}]},
     },
 }
 

@@ -46,7 +46,8 @@ class MethodSpec:
         label: its name in tables (default: the method name).
         fixed: hyperparameters held fixed (override the protocol's).
         stages: the search (override the protocol's): a list of grids, searched in order.
-        reuse: ``{hyperparameter: other method}``: take that value from the other method's selection.
+        reuse: ``{hyperparameter: other method}`` or ``{hyperparameter: "method.param"}``: take that
+            value from the other method's selection (MaTS' ``lam_init`` from TA's ``lam``).
         path: the merged directory for ``method: merged``.
         statistics: data statistics of data-dependent methods (Fisher, RegMean, MaTS): overrides
             of the run's ``statistics`` (``split``, ``n``, ``seed``). A grid may also search the
@@ -375,10 +376,11 @@ class EvaluationRun:
         search = restrict(search_for(spec.method, self.config.protocol,
                                      {"fixed": spec.fixed, "stages": spec.stages, "reuse": spec.reuse}), self.config.grid)
         chosen = dict(search["fixed"])
-        for param, other in search["reuse"].items():
+        for param, source in search["reuse"].items():  # "method" (same name) or "method.param"
+            other, _, other_param = str(source).partition(".")
             if other not in self.selected:
                 raise ValueError(f"method {label!r} reuses {param!r} from {other!r}, which has not run before it")
-            chosen[param] = self.selected[other][param]
+            chosen[param] = self.selected[other][other_param or param]
         sweeps: dict[Optional[str], Sweep] = {}  # one per statistics tag (the data a merge reads)
         stats = {**self.config.statistics, **(spec.statistics or {})}
 
