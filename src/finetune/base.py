@@ -232,6 +232,11 @@ class TaskModule(L.LightningModule):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
+    def example_losses(self, batch: dict) -> torch.Tensor:
+        """``(B,)`` negative log-likelihood of each example's gold label (no label smoothing): what
+        the data statistics (``src.statistics``: Fisher, K-FAC) differentiate per example."""
+        return F.cross_entropy(self.logits(batch).float(), batch["labels"], reduction="none")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.logits(batch)
         loss = self.loss(logits, batch["labels"])

@@ -179,6 +179,17 @@ class MT5Seq2Seq(TaskModule):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                label_smoothing=self.label_smoothing)
 
+    def example_losses(self, batch: dict) -> torch.Tensor:
+        """``(B,)`` summed negative log-likelihood of each example's target tokens (-100 ignored)."""
+        labels = batch["labels"]
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels),
+        ).logits
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        return nll.sum(dim=-1)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.seq2seq_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
