@@ -259,10 +259,12 @@ def _fmt_param(value: Any) -> str:
 
 
 def _compact_params(params: Optional[Mapping[str, Any]], keys: Optional[Sequence[str]] = None) -> str:
-    """``lam=0.5, density=0.2``: the params (only ``keys``, when given) in their own order."""
+    """``lam=0.5, density=0.2``: the params (only ``keys``, when given) in their own order; unset
+    (``None``) ones and file paths (a coefficient table) are left out of the table cell."""
     if not params:
         return ""
-    return ", ".join(f"{k}={_fmt_param(v)}" for k, v in params.items() if keys is None or k in keys)
+    return ", ".join(f"{k}={_fmt_param(v)}" for k, v in params.items()
+                     if (keys is None or k in keys) and v is not None and k != "coefficients")
 
 
 def _varied_keys(grid_rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -485,9 +485,13 @@ class EvaluationRun:
 
         split, rest = tag.split("-n", 1)
         n, seed = rest.split("-seed")
+        self.all_tasks  # noqa: B018 (reads the task.json files)
+        # LoRA task models change (and a merge of them touches) only the adapted layers
+        layers = "trained" if all(self._infos[t].kind == "lora" for t in self.held_in) else "all"
         for task_dir in self.config.tasks:
             collect_statistics(task_dir, kinds=tuple(kinds), split=split, n=int(n), seed=int(seed),
-                               accelerator=self.config.accelerator, devices=1, data=self.config.data)
+                               accelerator=self.config.accelerator, devices=1, data=self.config.data,
+                               layers=layers, progress=self.config.progress)
 
     # ----- Ensemble and joint ------------------------------------------------------------
     def _logits(self, task_model: str, head_task: str, data_task: str) -> torch.Tensor:
