@@ -15,6 +15,7 @@ from src.evaluate.__main__ import build_parser, main
 from src.evaluate.metrics import JointLabelSpace
 from src.evaluate.protocols import PROTOCOLS, search_for
 from src.evaluate.rows import read_rows
+from src.evaluate.run import LEARNED, RECIPE_KEYS
 from src.merge import get_method
 from src.merge.sweep import expand_grid
 
@@ -44,10 +45,15 @@ def parse(path: Path, *overrides: str):
 
 
 def searches(cfg) -> list[tuple]:
-    """``(spec, search)`` per merge method of ``cfg`` (``merged`` entries have no search)."""
+    """``(spec, search)`` per searched merge method of ``cfg`` (``merged`` entries and learned
+    coefficients, AdaMerging and the like, have no search)."""
     return [(spec, search_for(spec.method, cfg.protocol, {"fixed": spec.fixed, "stages": spec.stages,
                                                           "reuse": spec.reuse}))
-            for spec in cfg.methods if spec.method != "merged"]
+            for spec in cfg.methods if spec.method != "merged" and spec.method not in LEARNED]
+
+
+def learned(cfg) -> list:
+    return [spec for spec in cfg.methods if spec.method in LEARNED]
 
 
 def small_grid(cfg) -> dict[str, list]:
@@ -80,8 +86,8 @@ def test_config_parses_and_every_hyperparameter_is_accepted(path):
     done: set[str] = set()
     for spec, search in searches(cfg):
         method = get_method(spec.method)  # an unknown name raises
-        for param, other in search["reuse"].items():
-            assert other in done, f"{spec.label}: reuses {param!r} from {other!r}, which does not run before it"
+        for param, other in search["reuse"].items():  # "method" or "method.param"
+            assert other.split(".")[0] in done, f"{spec.label}: reuses {param!r} from {other!r}, which does not run before it"
         chosen = dict(search["fixed"])  # a reused value: the method's default here
         method.make_params(**chosen)
         for stage in search["stages"]:  # every point of the full (unrestricted) grid
@@ -94,6 +100,9 @@ def test_config_parses_and_every_hyperparameter_is_accepted(path):
     for spec in cfg.methods:
         if spec.method == "merged":
             assert spec.path, f"{spec.label}: 'merged' needs a path"
+    for spec in learned(cfg):  # the re-applying plain merge accepts the non-recipe settings
+        target = {"ta": "task_arithmetic", "ties": "ties", "cart": "cart"}[LEARNED[spec.method]]
+        get_method(target).make_params(**{k: v for k, v in (spec.fixed or {}).items() if k not in RECIPE_KEYS})
     joint = cfg.joint
     assert joint.duplicate_labels in ("id", "string")
     if joint.enabled and joint.label_file:
@@ -124,7 +133,8 @@ def tiny_argv(path: Path, cfg, demo_tasks, rows_path: Path, held_out: bool) -> l
             "--tasks", json.dumps([str(demo_tasks[t]) for t in TASKS[:2]]),
             "--generalization", json.dumps([str(demo_tasks[TASKS[2]])] if held_out else []),
             "--rows", str(rows_path), "--accelerator", "cpu", "--devices", "1", "--strategy", "auto",
-            "--precision", "32-true", "--merge_device", "cpu", "--joint.label_file", "null", "--progress", "false"]
+            "--precision", "32-true", "--merge_device", "cpu", "--joint.label_file", "null", "--progress", "false",
+            "--statistics", json.dumps({"split": "train", "n": 4, "seed": 0})]  # the tiny tasks' whole train split
     return argv + (["--grid", json.dumps(grid)] if grid else [])
 
 
@@ -172,8 +182,18 @@ def test_config_runs_end_to_end_on_tiny_tasks(path, demo_tasks, tmp_path, capsys
                 assert chosen[param] in [*values, before], f"{label}: {param}={chosen[param]} off the grid"
         if search["stages"]:
             assert have(label=label, stage="grid", split="val"), f"{label}: no grid rows"
+        if "statistics" in chosen:  # data-dependent: the statistics it read are part of its params
+            assert chosen["statistics"] == "train-n4-seed0"
         if cfg.joint.enabled:
             assert {r["dataset"] for r in have(label=label, task="joint")} == {"union", *held_in}
+
+    for spec in learned(cfg):  # coefficients learned on the tasks' unlabeled test inputs, re-applied by a merge
+        got = have(label=spec.label or spec.method, stage="selected", split="test", metric="acc")
+        assert {r["task"] for r in got} == set(every), f"{spec.label}: selected rows {got}"
+        assert all(r["selection"]["on"].startswith("test inputs, unlabeled") and r["params"]["learned"] == spec.method
+                   for r in got)
+        table = json.loads((tmp_path / "coefficients" / f"{spec.method}.json").read_text())
+        assert table["tasks"] == held_in and all(0.0 <= c <= 1.0 for c in table["default"])
 
     ensembled = {r["task"] for r in have(method="ensemble") if r["task"] != "joint"}
     assert ensembled == (set(held_in) if cfg.ensemble else set())
