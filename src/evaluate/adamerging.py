@@ -266,6 +266,9 @@ def prepare_states(bank: ModelBank, kind: str, tasks: Sequence[str], merge_param
         else:
             states[tensor] = _to(state, device)
         del cache[tensor]  # TIES: the elected vectors replace the task updates
+    if not states:  # e.g. CART's low_rank_params matching none of this model's tensor names
+        raise ValueError(f"AdaMerging ({LABELS[kind]}): no tensor of the merge depends on the coefficients "
+                         f"({name} with {dict(given)} merges every tensor without them): nothing to learn")
     fixed = bank.with_updates(fixed_updates) if fixed_updates else {}
     return method, params, states, fixed
 

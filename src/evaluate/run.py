@@ -32,6 +32,7 @@ from ..merge.sweep import expand_grid
 from .loop import Evaluator, dataset_size, split_loader
 from .models import EvaluationError, ModelBank, datamodule_of
 from .protocols import restrict, search_for
+from ..safe_output import note
 from ..task_statistics import statistics_tag
 from .rows import RowStore, make_row
 
@@ -659,12 +660,14 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     report = out / "report.md"
     report.write_text("\n".join(parts))
     written = [report]
-    if any(r.get("stage") == "grid" for r in rows):
+    if any(r.get("stage") == "grid" and r.get("method") != "finetuned" for r in rows):
         held = [metric[t] for t in run.held_in]
-        plot_sensitivity(rows, out / "sensitivity.png", normalized=True, splits=tuple(run.config.grid_splits),
-                         metric=max(set(held), key=held.count),
-                         experiment=run.config.experiment)
-        written.append(out / "sensitivity.png")
+        try:
+            plot_sensitivity(rows, out / "sensitivity.png", normalized=True, splits=tuple(run.config.grid_splits),
+                             metric=max(set(held), key=held.count), experiment=run.config.experiment)
+            written.append(out / "sensitivity.png")
+        except ValueError as e:  # e.g. every grid a single point: no curve to draw
+            note(f"no sensitivity plot: {e}")
         # selection never sees generalization data, so grid points are scored on it only with
         # grid_generalization: the scatter needs those rows
         if any(r.get("stage") == "grid" and r.get("group") == "generalization" for r in rows):
