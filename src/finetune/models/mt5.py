@@ -168,26 +168,23 @@ class MT5Seq2Seq(TaskModule):
         return self._choices[1]
 
     # ----- training -----------------------------------------------------------------
-    def seq2seq_loss(self, batch: dict) -> torch.Tensor:
-        """Token-level cross-entropy over the target tokens (-100 ignored), as the HF loss."""
-        labels = batch["labels"]
-        logits = self.model(
+    def target_logits(self, batch: dict) -> torch.Tensor:
+        """``(B, L, V)`` teacher-forced logits of the target tokens ``batch["labels"]``."""
+        return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels),
+            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(batch["labels"]),
         ).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                               label_smoothing=self.label_smoothing)
+
+    def seq2seq_loss(self, batch: dict) -> torch.Tensor:
+        """Token-level cross-entropy over the target tokens (-100 ignored), as the HF loss."""
+        return F.cross_entropy(self.target_logits(batch).float().flatten(0, 1), batch["labels"].flatten(),
+                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
     def example_losses(self, batch: dict) -> torch.Tensor:
         """``(B,)`` summed negative log-likelihood of each example's target tokens (-100 ignored)."""
-        labels = batch["labels"]
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels),
-        ).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        nll = F.cross_entropy(self.target_logits(batch).float().transpose(1, 2), batch["labels"],
+                              ignore_index=IGNORE, reduction="none")
         return nll.sum(dim=-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
