@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 from torch import nn
 
@@ -284,12 +285,27 @@ def _step_loader(loader, batch_size: int, seed: int, num_workers: Optional[int])
                       num_workers=workers, drop_last=len(dataset) >= batch_size)
 
 
-def _trainer(device: torch.device, steps: int, progress: bool) -> L.Trainer:
+class _StepsBar(TQDMProgressBar):
+    """One transient bar over the optimization steps (not Lightning's "Epoch n/-1" of an endless fit)."""
+
+    def __init__(self, label: str):
+        super().__init__(leave=False)
+        self.label = label
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs):
+        super().on_train_epoch_start(trainer, *args, **kwargs)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description(self.label)
+
+
+def _trainer(device: torch.device, steps: int, progress: bool, label: str = "AdaMerging") -> L.Trainer:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
     accelerator, devices = ("gpu", [device.index or 0]) if device.type == "cuda" else (device.type, 1)
     return L.Trainer(accelerator=accelerator, devices=devices, max_steps=steps, max_epochs=-1, logger=False,
                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                     callbacks=[_StepsBar(label)] if progress else None,
                      num_sanity_val_steps=0, limit_val_batches=0, precision="32-true")
 
 
@@ -383,7 +399,7 @@ def learn_coefficients(
                                 for i, (t, loader) in enumerate(task_loaders.items())}, mode="max_size_cycle")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
-            _trainer(device, steps, progress).fit(learner, train_dataloaders=train)
+            _trainer(device, steps, progress, f"{LABELS[kind]}: steps").fit(learner, train_dataloaders=train)
     learner.to(device)  # Lightning's teardown moves the module to the CPU
     final = _fixed_entropy(learner, fixed_batches) if fixed_batches else float("nan")
 
