@@ -443,3 +443,30 @@ def test_cg_stays_on_the_device_without_host_syncs(monkeypatch):
     monkeypatch.undo()
     assert syncs == []
     torch.testing.assert_close(x @ S, b, atol=1e-4, rtol=1e-4)
+
+
+def test_mats_sweep_over_iterations_resumes_cg_with_identical_results():
+    """A sweep over MaTS' iterations continues one CG run per tensor: N = 7 after N = 3 is bit for
+    bit the N = 7 of a fresh merge (the same steps in the same order), and a smaller N restarts."""
+    from src.merge import Sweep
+    from src.merge.methods.mats import ConjugateGradient
+
+    torch.manual_seed(0)
+    out_f, in_f, tasks = 6, 5, 3
+    base = {"w": torch.randn(out_f, in_f)}
+    models = [{"w": base["w"] + 0.1 * torch.randn(out_f, in_f)} for _ in range(tasks)]
+    stats = []
+    for _ in range(tasks):
+        xa, xg = torch.randn(20, in_f), torch.randn(20, out_f)
+        stats.append({"kfac_in": {"w": xa.T @ xa / 20}, "kfac_out": {"w": xg.T @ xg / 20}})
+    sweep = Sweep("mats", models, base=base, progress=False, statistics=stats)
+    calls = []
+    real = ConjugateGradient.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ConjugateGradient, "__init__", lambda self, *a: calls.append(1) or real(self, *a))
+        swept = {n: sweep.merge({"iterations": n, "lam_init": 0.5}, as_updates=True)["w"] for n in (3, 7, 2)}
+    assert len(calls) == 2  # 3 -> 7 resumed; 2 restarted
+    for n, value in swept.items():
+        fresh = Sweep("mats", models, base=base, progress=False, statistics=stats).merge(
+            {"iterations": n, "lam_init": 0.5}, as_updates=True)["w"]
+        assert torch.equal(value, fresh), n

@@ -31,7 +31,7 @@ code (its non-merged weights are the plain average of the task models).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -55,6 +55,8 @@ class MatsState:
     total: Optional[torch.Tensor] = None  # sum of the updates (Task Arithmetic's direction)
     rhs: Optional[torch.Tensor] = None  # sum_i F_i(dW_i); None: averaged
     op: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # X -> sum_i F_i(X)
+    #: CG runs kept by a sweep, per starting point: a larger ``iterations`` resumes the run
+    runs: dict = field(default_factory=dict)
 
 
 def unit(scale: torch.Tensor) -> torch.Tensor:
@@ -64,27 +66,40 @@ def unit(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+class ConjugateGradient:
+    """CG on ``op(x) = b`` (``op`` symmetric PSD) from ``x0``, entirely on the tensors' device:
+    scalars stay 0-dim tensors (no ``.item()``), and a step whose curvature ``p^T op(p)`` or
+    residual is 0 (converged, or a singular direction) changes nothing. Resumable: ``run_to(N)``
+    after ``run_to(k)``, k <= N, does exactly the steps k+1..N, so a sweep over the number of
+    iterations pays for the largest one only and gets the same numbers as separate runs."""
+
+    def __init__(self, op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor):
+        self.op, self.steps = op, 0
+        self.x = x0.clone()
+        self.r = b - op(self.x)
+        self.p = self.r.clone()
+        self.rr = torch.sum(self.r * self.r)
+        self.zero = torch.zeros((), dtype=b.dtype, device=b.device)
+
+    def run_to(self, iterations: int) -> torch.Tensor:
+        while self.steps < iterations:
+            Ap = self.op(self.p)
+            pAp = torch.sum(self.p * Ap)
+            alpha = torch.where(pAp > 0, self.rr / pAp, self.zero)
+            self.x.add_(self.p * alpha)
+            self.r.sub_(Ap.mul_(alpha))
+            rr_new = torch.sum(self.r * self.r)
+            beta = torch.where(self.rr > 0, rr_new / self.rr, self.zero)
+            self.p.mul_(beta).add_(self.r)
+            self.rr = rr_new
+            self.steps += 1
+        return self.x
+
+
 def conjugate_gradient(op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
                        iterations: int) -> torch.Tensor:
-    """``iterations`` CG steps on ``op(x) = b`` (``op`` symmetric PSD) from ``x0``, entirely on the
-    tensors' device: scalars stay 0-dim tensors (no ``.item()``), and a step whose curvature
-    ``p^T op(p)`` or residual is 0 (converged, or a singular direction) changes nothing."""
-    x = x0.clone()
-    r = b - op(x)
-    p = r.clone()
-    rr = torch.sum(r * r)
-    zero = torch.zeros((), dtype=b.dtype, device=b.device)
-    for _ in range(iterations):
-        Ap = op(p)
-        pAp = torch.sum(p * Ap)
-        alpha = torch.where(pAp > 0, rr / pAp, zero)
-        x.add_(p * alpha)
-        r.sub_(Ap.mul_(alpha))
-        rr_new = torch.sum(r * r)
-        beta = torch.where(rr > 0, rr_new / rr, zero)
-        p.mul_(beta).add_(r)
-        rr = rr_new
-    return x
+    """``iterations`` CG steps on ``op(x) = b`` from ``x0`` (see :class:`ConjugateGradient`)."""
+    return ConjugateGradient(op, b, x0).run_to(iterations)
 
 
 @register
@@ -198,10 +213,14 @@ class Mats(MergeMethod):
     def merge(self, state: MatsState, params: Params, stats: dict) -> torch.Tensor:
         if state.rhs is None:
             return state.mean
-        if params.init == "task_arithmetic":
-            x0 = state.total * params.lam_init
-        elif params.init == "average":
-            x0 = state.mean
-        else:
-            x0 = torch.zeros_like(state.mean)
-        return conjugate_gradient(state.op, state.rhs, x0, params.iterations)
+        key = (params.init, params.lam_init if params.init == "task_arithmetic" else None)
+        run = state.runs.get(key)
+        if run is None or run.steps > params.iterations:
+            if params.init == "task_arithmetic":
+                x0 = state.total * params.lam_init
+            elif params.init == "average":
+                x0 = state.mean
+            else:
+                x0 = torch.zeros_like(state.mean)
+            run = state.runs[key] = ConjugateGradient(state.op, state.rhs, x0)
+        return run.run_to(params.iterations).clone()
