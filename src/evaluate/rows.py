@@ -122,6 +122,13 @@ class RowStore:
             if not data or data.endswith(b"\n"):
                 return
             cut = data.rfind(b"\n") + 1
+            for i, line in enumerate(data[:cut].splitlines()):  # never cut into a file that is not rows
+                try:
+                    ok = isinstance(json.loads(line), dict) if line.strip() else True
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{self.path}: line {i + 1} is not a JSON row; not a rows file")
             try:
                 json.loads(data[cut:])
             except ValueError:

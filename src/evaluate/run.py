@@ -17,6 +17,7 @@ One run serves one experiment (a set of task models finetuned from one base):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -176,6 +177,12 @@ class EvaluationRun:
             raise ValueError(f"select_on must be 'normalized' or 'absolute', got {config.select_on!r}")
         if len(config.tasks) < 1:
             raise ValueError("tasks: at least one task checkpoint directory is needed")
+        if "val" not in config.grid_splits:
+            raise ValueError(f"grid_splits must include val (selection is on validation), got {config.grid_splits}")
+        if str(config.devices) not in ("1", "[0]") and config.devices not in (1, [0]):
+            raise ValueError(f"devices {config.devices!r}: an evaluation runs on one device, so that every example "
+                             "counts once (Lightning's distributed sampler repeats examples to even out ranks); "
+                             "set devices: 1 (statistics and finetuning use several)")
         self.methods = [_as_method_spec(m) for m in config.methods]
         self.rows_path = Path(str(config.rows).replace("{experiment}", config.experiment))
         self.store = RowStore(self.rows_path)
@@ -246,6 +253,8 @@ class EvaluationRun:
     # ----- rows ----------------------------------------------------------------------
     def _what(self, method: str, params: dict, task: str, split: str, stage: str, metric: Optional[str] = None,
               dataset: Optional[str] = None) -> dict[str, Any]:
+        if self.config.task_head == "union" and task != "joint":  # the labels a task was scored among
+            params = {**params, "union_tasks": sorted(self.all_tasks)}
         return {"experiment": self.config.experiment, "method": method, "params": params, "tasks": sorted(self.held_in),
                 "task": task, "split": split, "metric": metric or self.metric_of(task), "stage": stage, "dataset": dataset}
 
@@ -323,7 +332,12 @@ class EvaluationRun:
         held = [t for t in self.held_in if t in values]
         if self.config.select_on == "absolute":
             return sum(values[t] for t in held) / len(held)
-        return sum(values[t] / self.finetuned(t, split) for t in held) / len(held)
+        refs = {t: self.finetuned(t, split) for t in held}
+        zero = [t for t, r in refs.items() if not r]
+        if zero:
+            raise ValueError(f"select_on normalized: the finetuned {split} score of {zero} is 0; "
+                             "use select_on: absolute")
+        return sum(values[t] / refs[t] for t in held) / len(held)
 
     # ----- stages ----------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -379,10 +393,13 @@ class EvaluationRun:
         chosen = dict(search["fixed"])
         for param, source in search["reuse"].items():  # "method" (same name) or "method.param"
             other, _, other_param = str(source).partition(".")
-            if other not in self.selected:
-                raise ValueError(f"method {label!r} reuses {param!r} from {other!r}, which has not run before it")
+            if other not in self.selected:  # e.g. --only: its selection (rows cached or not) first
+                source_spec = next((m for m in self.methods if other in (m.method, m.label)), None)
+                if source_spec is None:
+                    raise ValueError(f"method {label!r} reuses {param!r} from {other!r}, which this run does not have")
+                self.method(source_spec)
             chosen[param] = self.selected[other][other_param or param]
-        sweeps: dict[Optional[str], Sweep] = {}  # one per statistics tag (the data a merge reads)
+        sweeps: dict[tuple, Sweep] = {}  # one per statistics tag and kinds (the data a merge reads)
         stats = {**self.config.statistics, **(spec.statistics or {})}
 
         def full(point: dict) -> dict:
@@ -397,13 +414,15 @@ class EvaluationRun:
         def state_of(params: dict):
             tag = params.get("statistics")
             merge_params = {k: v for k, v in params.items() if k != "statistics"}
-            if tag not in sweeps:
+            kinds = merge_method.required_statistics(merge_method.make_params(**merge_params))
+            key = (tag, tuple(kinds))  # a grid over MaTS' subspace reads other kinds
+            if key not in sweeps:
                 if tag is not None:
-                    self.ensure_statistics(merge_method.required_statistics(merge_method.make_params(**merge_params)), tag)
-                sweeps[tag] = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
+                    self.ensure_statistics(kinds, tag)
+                sweeps[key] = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
                                     device=self.config.merge_device, progress=False, statistics=tag)
             start = time.perf_counter()
-            state = self.bank.with_updates(sweeps[tag].merge(merge_params, as_updates=True))
+            state = self.bank.with_updates(sweeps[key].merge(merge_params, as_updates=True))
             self._merge_s = time.perf_counter() - start
             return state
 
@@ -455,9 +474,14 @@ class EvaluationRun:
         fixed = dict(spec.fixed or {})
         recipe = {k: fixed.pop(k) for k in RECIPE_KEYS if k in fixed}
         safe = "".join(c if c.isalnum() or c in "+-_" else "_" for c in spec.method)
-        path = self.rows_path.parent / "coefficients" / f"{safe}.json"
-        if path.is_file():
-            meta = CoefficientTable.load(path).meta
+        # one table per (method, merge settings, recipe, tasks in merge order): a changed recipe or
+        # task list learns anew instead of reusing a table learned for something else
+        ident = hashlib.sha1(json.dumps([spec.method, fixed, recipe, self.held_in], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:10]
+        path = self.rows_path.parent / "coefficients" / f"{safe}-{ident}.json"
+        table = CoefficientTable.load(path) if path.is_file() else None
+        if table is not None and list(table.tasks) == list(self.held_in):
+            meta = table.meta
             method, merge_params = meta["method"], {**meta["method_params"], "coefficients": str(path)}
         else:
             result = learn_coefficients(self.bank, LEARNED[spec.method], self.held_in, lambda t: self.loader(t, "test"),
@@ -492,7 +516,7 @@ class EvaluationRun:
         for task_dir in self.config.tasks:
             collect_statistics(task_dir, kinds=tuple(kinds), split=split, n=int(n), seed=int(seed),
                                accelerator=self.config.accelerator, devices=1, data=self.config.data,
-                               layers=layers, progress=self.config.progress)
+                               layers=layers, progress=self.config.progress, base=self.config.base)
 
     # ----- Ensemble and joint ------------------------------------------------------------
     def _logits(self, task_model: str, head_task: str, data_task: str) -> torch.Tensor:
@@ -609,7 +633,9 @@ class EvaluationRun:
 
         metrics = [f"hits@{k}" for k in spec.ks]
         datasets = ["union"] + self.held_in
-        whats = {(d, m): self._what(method, {**params, "duplicate_labels": spec.duplicate_labels}, "joint", "test",
+        space_id = spec.label_file or "tasks"  # the label space: a fixed file, or the tasks' labels in order
+        whats = {(d, m): self._what(method, {**params, "duplicate_labels": spec.duplicate_labels,
+                                             "label_space": space_id}, "joint", "test",
                                     "selected" if method not in ("ensemble", "finetuned") else "reference", m, d)
                  for d in datasets for m in metrics}
         if all(self.store.has(**w) for w in whats.values()):
@@ -644,7 +670,8 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     """``report.md`` (tables) and ``sensitivity.png`` next to the rows, rendered from the rows only."""
     from .report import plot_heldin_vs_generalization, plot_sensitivity, render_table
 
-    rows = [r for r in run.store if r.get("experiment") == run.config.experiment]
+    rows = [r for r in run.store if r.get("experiment") == run.config.experiment
+            and r.get("tasks") == sorted(run.held_in)]  # not merges of another task set in the same file
     metric = {t: run.metric_of(t) for t in run.all_tasks}  # each task's own (accuracy, EM/F1, SP-ROUGE)
     out = run.rows_path.parent
     parts = [f"# {run.config.experiment}: test results\n",

@@ -344,6 +344,8 @@ class StatisticsCollector(L.LightningModule):
         self.anchor = nn.Parameter(torch.zeros(()))
         self.layers: dict[nn.Module, _Layer] = {}
         self.skipped: dict[str, list[str]] = {k: [] for k in self.kinds if k != "fisher"}
+        #: Linear layers whose forward never ran (a merge averages them): said, not silently dropped
+        self.unused: list[str] = []
         if isinstance(layers, str):
             if layers not in LAYERS:
                 raise ValueError(f"layers must be one of {LAYERS} or a collection of weight names, got {layers!r}")
@@ -565,7 +567,10 @@ class StatisticsCollector(L.LightningModule):
         for layer in self.layers.values():
             # every rank runs every layer's reduction in the same order (a layer no rank used is skipped by all)
             seen = float(total(torch.tensor(1.0 if layer.acc else 0.0, dtype=torch.float64)))
-            if seen == 0:
+            if seen == 0:  # never called through forward (e.g. nn.MultiheadAttention's out_proj)
+                for kind in self.kinds:
+                    self.skipped.setdefault(kind, []).append(f"{layer.key}.weight")
+                self.unused.append(f"{layer.key}.weight")
                 continue
             w_name, b_name = f"{layer.key}.weight", f"{layer.key}.bias"
             n_in, n_out = layer.module.in_features, layer.module.out_features
@@ -583,6 +588,12 @@ class StatisticsCollector(L.LightningModule):
                 out["fisher"][w_name] = _mean(total(layer.acc.get("fisher_w"), n_out, n_in), examples)
                 if layer.module.bias is not None:
                     out["fisher"][b_name] = _mean(total(layer.acc.get("fisher_b"), n_out), examples)
+        if self.unused and self.trainer.is_global_zero:
+            from ..safe_output import note
+
+            note(f"statistics: {len(self.unused)} linear layer(s) never ran their forward, e.g. {self.unused[:2]} "
+                 "(nn.MultiheadAttention uses its out_proj weight directly and packs q/k/v into in_proj_weight): "
+                 "no statistics for them (listed as skipped in statistics.json); data-dependent merges average them")
         return Statistics(tensors=out, examples=int(round(examples)), tokens=tokens, skipped=dict(self.skipped),
                           tied=list(self.tied), wall_s=time.perf_counter() - self._start)
 
@@ -749,7 +760,8 @@ def write_statistics(task_dir, tag: str, stats: Statistics, meta: dict) -> Path:
 def collect_statistics(task_dir, kinds: Sequence[str] = KINDS, split: str = "train", n: int = 256, seed: int = 0,
                        batch_size: Optional[int] = None, accelerator: str = "auto", devices: Any = 1,
                        data: Union[None, Mapping[str, Any], L.LightningDataModule] = None, *,
-                       layers: str = "all", strategy: Any = "auto", progress: bool = True) -> Path:
+                       layers: str = "all", strategy: Any = "auto", progress: bool = True,
+                       base: Optional[str] = None) -> Path:
     """Compute the task model's missing statistics ``kinds`` on ``n`` examples of ``split``; returns
     ``<task_dir>/statistics/<split>-n<n>-seed<seed>/``.
 
@@ -787,7 +799,7 @@ def collect_statistics(task_dir, kinds: Sequence[str] = KINDS, split: str = "tra
     size = int(batch_size) if batch_size else _default_batch_size(dm, grad)
     if size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    module = load_task_model(task_dir)
+    module = load_task_model(task_dir, base=base)  # base: a local copy of the recorded base model
     meta = {"task": info.task, "family": info.family, "base_model": info.base_model, "split": split, "n": int(n),
             "seed": int(seed), "run": {"batch_size": size, "layers": layers}}
 

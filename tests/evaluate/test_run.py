@@ -226,7 +226,7 @@ def test_ensemble_and_joint_rows(demo_tasks, tmp_path):
         mask = torch.tensor([r["dataset"] in ("union", d) for d in datasets])
         assert r["value"] == pytest.approx(hit[mask].mean().item(), abs=1e-6), r
         assert r["n"] == int(mask.sum())
-        assert r["params"] == {"duplicate_labels": "id"}
+        assert r["params"] == {"duplicate_labels": "id", "label_space": "tasks"}
 
 
 def test_union_head_scores_each_task_among_every_tasks_labels(demo_tasks, tmp_path):
@@ -257,3 +257,42 @@ def test_union_head_scores_each_task_among_every_tasks_labels(demo_tasks, tmp_pa
     # the own-head run on the same rows file measures anew (a different metric key)
     rows = EvaluationRun(EvalConfig(**base)).run()
     assert {r["metric"] for r in rows} == {"acc", "acc@union"}
+
+
+def test_review_fixes_guard_what_rows_and_tables_mean(demo_tasks, tmp_path):
+    """Rows and learned tables are reused only for what they measured: a changed AdaMerging recipe
+    learns a new table, reports keep to the run's task set, a source of a reused hyperparameter
+    runs first under --only, and configurations that would count wrong are refused."""
+    from src.evaluate.rows import RowStore
+    from src.evaluate.run import write_reports
+
+    tasks = [str(demo_tasks[t]) for t in TASKS]
+    base = dict(experiment="tiny", protocol=None, rows=str(tmp_path / "rows.jsonl"), progress=False,
+                ensemble=False, zeroshot=False)
+    for steps in (2, 3):
+        EvaluationRun(EvalConfig(**base, tasks=tasks, methods=[
+            MethodSpec("adamerging", label="AdaMerging", fixed={"steps": steps, "batch_size": 4})])).run()
+    assert len(list((tmp_path / "coefficients").glob("adamerging-*.json"))) == 2
+    # the same rows file, another task set: the report shows only this run's merges
+    run = EvaluationRun(EvalConfig(**base, tasks=tasks[:2], methods=[MethodSpec("average", label="Avg")]))
+    run.run()
+    write_reports(run)
+    report = (tmp_path / "report.md").read_text()
+    assert "AdaMerging" not in report and "Avg" in report and TASKS[2] not in report
+    # --only a method that reuses another's selection: the source runs first
+    spec = [MethodSpec("task_arithmetic", label="TA", stages=[{"lam": [0.3, 0.6]}]),
+            MethodSpec("dare", label="DARE", fixed={"mode": "linear"}, reuse={"lam": "task_arithmetic"},
+                       stages=[{"p": [0.1]}])]
+    rows = EvaluationRun(EvalConfig(**base, tasks=tasks, methods=spec, only=["dare"])).run()
+    dare = [r for r in rows if r["method"] == "dare" and r["stage"] == "selected"]
+    ta = [r for r in rows if r["method"] == "task_arithmetic" and r["stage"] == "selected"]
+    assert dare and ta and dare[0]["params"]["lam"] == ta[0]["params"]["lam"]
+    with pytest.raises(ValueError, match="grid_splits must include val"):
+        EvaluationRun(EvalConfig(**base, tasks=tasks, grid_splits=["test"]))
+    with pytest.raises(ValueError, match="one device"):
+        EvaluationRun(EvalConfig(**base, tasks=tasks, devices=2))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nimportant last line without newline")
+    with pytest.raises(ValueError, match="not a rows file"):
+        RowStore(notes)
+    assert notes.read_text() == "my notes\nimportant last line without newline"

@@ -481,3 +481,42 @@ def test_squared_example_gradients_both_ways(one_by_one, monkeypatch):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     empty = collect_mod.squared_example_gradients(gm[2:3], x[2:3], mask[2:3], one_by_one=one_by_one)
     assert empty.shape == (7, 5) and not empty.any()
+
+
+def test_linear_layers_that_never_run_are_reported_not_silently_dropped(capsys):
+    """nn.MultiheadAttention never calls its out_proj's forward: no statistics can be hooked there, so
+    the layer is listed as skipped and said on stderr (a merge then averages it)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from src.statistics.collect import compute_statistics
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x, need_weights=False)
+            return self.fc(h.mean(1))
+
+    class Task(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Net()
+
+        def unwrapped_model(self):
+            return self.model
+
+        def example_losses(self, batch):
+            return F.cross_entropy(self.model(batch["x"]), batch["labels"], reduction="none")
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4, 8), "labels": torch.tensor(i % 3)} for i in range(6)]
+    collate = lambda items: {k: torch.stack([d[k] for d in items]) for k in ("x", "labels")}  # noqa: E731
+    stats = compute_statistics(Task(), data, collate, kinds=("fisher", "gram"), batch_size=3, accelerator="cpu",
+                               progress=False)
+    assert set(stats.tensors["gram"]) == {"fc.weight"} and set(stats.tensors["fisher"]) == {"fc.weight", "fc.bias"}
+    assert stats.skipped["gram"] == ["attn.out_proj.weight"] and stats.skipped["fisher"] == ["attn.out_proj.weight"]
+    assert "never ran their forward" in capsys.readouterr().err
