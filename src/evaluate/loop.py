@@ -3,9 +3,9 @@
 Per-task metrics are what the task module itself logs in ``validation_step`` / ``test_step``
 (the same code that scores finetuning; ``val/acc`` -> ``acc``). Logits for the Ensemble and
 the joint benchmark come from ``predict_step``. One :class:`Evaluator` (one Trainer) serves a
-whole run: Lightning's strategy and distributed sampler give multi-GPU evaluation
-(``devices``/``strategy``, as for training); its bars are transient, so a sweep shows one
-line per loop while it runs and nothing after.
+whole run on one device (a distributed sampler would repeat examples and change the numbers;
+the run refuses ``devices > 1``; ``predict`` gathers ranks in dataset order for other callers).
+Its bars are transient, so a sweep shows one line per loop while it runs and nothing after.
 """
 from __future__ import annotations
 
