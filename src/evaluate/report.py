@@ -264,7 +264,7 @@ def _compact_params(params: Optional[Mapping[str, Any]], keys: Optional[Sequence
     if not params:
         return ""
     return ", ".join(f"{k}={_fmt_param(v)}" for k, v in params.items()
-                     if (keys is None or k in keys) and v is not None and k != "coefficients")
+                     if (keys is None or k in keys) and v is not None and k not in ("coefficients", "task_order"))
 
 
 def _varied_keys(grid_rows: Sequence[Mapping[str, Any]]) -> list[str]:

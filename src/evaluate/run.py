@@ -150,6 +150,12 @@ class EvalConfig:
     progress: bool = True
 
 
+def order_dependent(method: str, params: dict) -> bool:
+    """Merges whose result depends on the order of the task models (DARE draws each task's mask from
+    a generator seeded by the task's position), so rows must say the order."""
+    return method == "dare" or (method == "knots" and params.get("base_method") == "dare_ties")
+
+
 #: methods whose coefficients are learned on unlabeled data -> the task vectors they weight
 LEARNED = {"adamerging": "ta", "adamerging++": "ties", "cart++": "cart"}
 #: ``fixed`` keys of a learned method that set the optimization, not the merge
@@ -409,11 +415,13 @@ class EvaluationRun:
             if merge_method.required_statistics(merge_method.make_params(**merge_point)):
                 n = {**chosen, **point}.get("n_examples", stats["n"])
                 params["statistics"] = statistics_tag(stats["split"], n, stats.get("seed", 0))
+            if order_dependent(spec.method, params):  # rows key tasks sorted; DARE's masks follow the order
+                params["task_order"] = list(self.held_in)
             return params
 
         def state_of(params: dict):
             tag = params.get("statistics")
-            merge_params = {k: v for k, v in params.items() if k != "statistics"}
+            merge_params = {k: v for k, v in params.items() if k not in ("statistics", "task_order")}
             kinds = merge_method.required_statistics(merge_method.make_params(**merge_params))
             key = (tag, tuple(kinds))  # a grid over MaTS' subspace reads other kinds
             if key not in sweeps:

@@ -287,6 +287,7 @@ def test_review_fixes_guard_what_rows_and_tables_mean(demo_tasks, tmp_path):
     dare = [r for r in rows if r["method"] == "dare" and r["stage"] == "selected"]
     ta = [r for r in rows if r["method"] == "task_arithmetic" and r["stage"] == "selected"]
     assert dare and ta and dare[0]["params"]["lam"] == ta[0]["params"]["lam"]
+    assert dare[0]["params"]["task_order"] == list(TASKS) and "task_order" not in ta[0]["params"]  # DARE masks follow it
     with pytest.raises(ValueError, match="grid_splits must include val"):
         EvaluationRun(EvalConfig(**base, tasks=tasks, grid_splits=["test"]))
     with pytest.raises(ValueError, match="one device"):
