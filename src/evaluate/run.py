@@ -34,6 +34,7 @@ from .loop import Evaluator, dataset_size, split_loader
 from .models import EvaluationError, ModelBank, datamodule_of
 from .protocols import restrict, search_for
 from ..safe_output import note
+from ..task_checkpoint import read_task_info
 from ..task_statistics import statistics_tag
 from .rows import RowStore, make_row
 
@@ -197,6 +198,17 @@ class EvaluationRun:
         self._loaders: dict[tuple[str, str], Any] = {}
         self.selected: dict[str, dict[str, Any]] = {}  # label -> selected params
         self.timing: list[dict[str, float]] = []  # per grid point: merge + apply vs evaluate seconds
+        # the task.json files (cheap): names, metrics and kinds without loading any model
+        infos = [read_task_info(d) for d in list(config.tasks) + list(config.generalization)]
+        self._infos = {info.task: info for info in infos}
+        self.held_in = [info.task for info in infos[:len(config.tasks)]]
+        self.held_out = [info.task for info in infos[len(config.tasks):]]
+        # built on first need: a fully cached re-run loads no model and no data
+        self._datamodules: dict[str, Any] = {}
+        self._logit_cache: dict[tuple, Any] = {}
+        self._joint_space = None
+        self._joint_modules: dict[Optional[str], Any] = {}
+        self._union = None
 
     # ----- lazily built: a fully cached re-run loads nothing ---------------------------
     @property
@@ -207,7 +219,6 @@ class EvaluationRun:
             mixed = not self.config.zeroshot and all(m.method == "merged" for m in self.methods)
             self._bank = ModelBank(list(self.config.tasks) + list(self.config.generalization), base=self.config.base,
                                    device=self._device(), mixed_inits=mixed)
-            self._task_names()
         return self._bank
 
     def _device(self) -> str:
@@ -226,18 +237,8 @@ class EvaluationRun:
                                         c.progress and sys.stderr.isatty())
         return self._evaluator
 
-    def _task_names(self) -> None:
-        from ..task_checkpoint import read_task_info
-
-        infos = [read_task_info(d) for d in list(self.config.tasks) + list(self.config.generalization)]
-        self._infos = {info.task: info for info in infos}
-        self.held_in = [info.task for info in infos[:len(self.config.tasks)]]
-        self.held_out = [info.task for info in infos[len(self.config.tasks):]]
-
     @property
     def all_tasks(self) -> list[str]:
-        if not hasattr(self, "held_in"):
-            self._task_names()
         return self.held_in + self.held_out
 
     def group(self, task: str) -> Optional[str]:
@@ -249,8 +250,6 @@ class EvaluationRun:
         key = (task, split)
         if key not in self._loaders:
             bank = self.bank
-            if not hasattr(self, "_datamodules"):
-                self._datamodules = {}
             if task not in self._datamodules:
                 self._datamodules[task] = datamodule_of(bank.infos[task], bank.task_dirs[task], self.config.data)
             self._loaders[key] = split_loader(self._datamodules[task], split)
@@ -269,7 +268,6 @@ class EvaluationRun:
         the task's own metric: accuracy, or EM/F1 / SP-ROUGE for mT5 generation tasks)."""
         if self.config.metric != "auto":
             return self.config.metric
-        self.all_tasks  # noqa: B018 (reads the task.json files)
         args = ((self._infos[task].hparams or {}).get("module") or {}).get("init_args") or {}
         own = args.get("metric")  # resolved at export (mT5); other families score accuracy
         if self.config.task_head == "union":
@@ -286,7 +284,7 @@ class EvaluationRun:
 
         if not self.classifies(task):
             raise ValueError(f"task_head union: task {task!r} generates text; use task_head own")
-        if not hasattr(self, "_union"):
+        if self._union is None:
             space = self.label_space(self.all_tasks)
             self._union = (space, self.head_module(self.all_tasks, space))
         space, module = self._union
@@ -407,6 +405,7 @@ class EvaluationRun:
             chosen[param] = self.selected[other][other_param or param]
         sweeps: dict[tuple, Sweep] = {}  # one per statistics tag and kinds (the data a merge reads)
         stats = {**self.config.statistics, **(spec.statistics or {})}
+        sources: dict[str, tuple[str, int, int]] = {}  # statistics tag -> (split, n, seed)
 
         def full(point: dict) -> dict:
             """The row's hyperparameters: the method's (all fields) + the statistics it reads."""
@@ -414,7 +413,9 @@ class EvaluationRun:
             params = dataclasses.asdict(merge_method.make_params(**merge_point))
             if merge_method.required_statistics(merge_method.make_params(**merge_point)):
                 n = {**chosen, **point}.get("n_examples", stats["n"])
-                params["statistics"] = statistics_tag(stats["split"], n, stats.get("seed", 0))
+                where = (stats["split"], int(n), int(stats.get("seed", 0)))
+                params["statistics"] = statistics_tag(*where)
+                sources[params["statistics"]] = where
             if order_dependent(spec.method, params):  # rows key tasks sorted; DARE's masks follow the order
                 params["task_order"] = list(self.held_in)
             return params
@@ -426,7 +427,7 @@ class EvaluationRun:
             key = (tag, tuple(kinds))  # a grid over MaTS' subspace reads other kinds
             if key not in sweeps:
                 if tag is not None:
-                    self.ensure_statistics(kinds, tag)
+                    self.ensure_statistics(kinds, *sources[tag])
                 sweeps[key] = Sweep(merge_method, self.config.tasks, base=self.bank.base_state(),
                                     device=self.config.merge_device, progress=False, statistics=tag)
             start = time.perf_counter()
@@ -512,25 +513,21 @@ class EvaluationRun:
         self.score_tasks(spec.method, label, params, model_id, state, self.all_tasks, "test", "selected", selection)
         self.joint(label, spec.method, params, model_id, state)
 
-    def ensure_statistics(self, kinds: Sequence[str], tag: str) -> None:
-        """Each merged task model's statistics ``tag`` of ``kinds`` (computed once, then read)."""
+    def ensure_statistics(self, kinds: Sequence[str], split: str, n: int, seed: int) -> None:
+        """Each merged task model's statistics of ``kinds`` on ``n`` examples of ``split`` (computed
+        once into its ``statistics/<tag>/``, then read)."""
         from ..statistics import collect_statistics
 
-        split, rest = tag.split("-n", 1)
-        n, seed = rest.split("-seed")
-        self.all_tasks  # noqa: B018 (reads the task.json files)
         # LoRA task models change (and a merge of them touches) only the adapted layers
         layers = "trained" if all(self._infos[t].kind == "lora" for t in self.held_in) else "all"
         for task_dir in self.config.tasks:
-            collect_statistics(task_dir, kinds=tuple(kinds), split=split, n=int(n), seed=int(seed),
+            collect_statistics(task_dir, kinds=tuple(kinds), split=split, n=n, seed=seed,
                                accelerator=self.config.accelerator, devices=1, data=self.config.data,
                                layers=layers, progress=self.config.progress, base=self.config.base)
 
     # ----- Ensemble and joint ------------------------------------------------------------
     def _logits(self, task_model: str, head_task: str, data_task: str) -> torch.Tensor:
         key = (task_model, head_task, data_task)
-        if not hasattr(self, "_logit_cache"):
-            self._logit_cache = {}
         if key not in self._logit_cache:
             bank = self.bank
             with bank.weights(bank.task_state(task_model), str(bank.task_dirs[task_model])):
@@ -574,7 +571,6 @@ class EvaluationRun:
 
         if label_file:
             return JointLabelSpace.from_file(label_file)
-        self.all_tasks  # noqa: B018 (reads the task.json files)
         names = {t: list(self._infos[t].label_names) for t in tasks}
         aliases: dict[str, str] = {}
         for i, t in enumerate(tasks):
@@ -584,7 +580,7 @@ class EvaluationRun:
         return JointLabelSpace.from_tasks(names, aliases)
 
     def joint_space(self):
-        if not hasattr(self, "_joint_space"):
+        if self._joint_space is None:
             self._joint_space = self.label_space(self.held_in, self.config.joint.label_file)
         return self._joint_space
 
@@ -614,8 +610,6 @@ class EvaluationRun:
         return module.requires_grad_(False).eval().to(next(bank.base.parameters()).device)
 
     def joint_module(self, owner: Optional[str] = None):
-        if not hasattr(self, "_joint_modules"):
-            self._joint_modules = {}
         if owner not in self._joint_modules:
             self._joint_modules[owner] = self.head_module(self.held_in, self.joint_space(), owner)
         return self._joint_modules[owner]
