@@ -54,7 +54,7 @@ BATCH_SIZES = (5, 3, 4)  # uneven: the split accuracy is sample-weighted, not a 
 LLAMA = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 MT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
-WORDS = "yes no maybe not sure a b c d e f g h".split()
+from tests.conftest import T5_WORDS as WORDS  # noqa: E402 (the tokenizer fixture's vocabulary)
 TEMPLATES = ["a photo of a {}.", "a blurry picture of a {}."]
 
 
@@ -105,20 +105,6 @@ def seq2seq_batches(tok, label_names: list[str], seed: int) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def t5_tokenizer_dir(tmp_path_factory) -> str:
-    """A word-level tokenizer with T5's special ids: pad 0, eos 1 (appended), unk 2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    path = tmp_path_factory.mktemp("t5tok")
-    fast.save_pretrained(path)
-    return str(path)
 
 
 # ----- the task checkpoints of each family ------------------------------------------------------

@@ -212,23 +212,9 @@ def test_llama_4bit_lora_trains_on_cpu(llama_base_dir):
 
 
 # ----- mT5 --------------------------------------------------------------------------------
-WORDS = "yes no maybe not sure a b c d e f g h".split()
+from tests.conftest import T5_WORDS as WORDS  # noqa: E402 (the tokenizer fixture's vocabulary)
 
 
-@pytest.fixture(scope="module")
-def t5_tokenizer_dir(tmp_path_factory):
-    """A word-level tokenizer with T5's special ids: pad 0, eos 1 (appended), unk 2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    path = tmp_path_factory.mktemp("t5tok")
-    fast.save_pretrained(path)
-    return str(path)
 
 
 def mt5(tokenizer, label_names, **kw):

@@ -72,3 +72,17 @@ def reference_elect_and_merge(X: torch.Tensor, sizes: list[int], sign_fill: str,
             s[seg] = part
     agree = (torch.sign(X) == s) & (X != 0)
     return lam * (X * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def run_method(name: str, groups, **params) -> dict[str, torch.Tensor]:
+    """Drive a method like the engine: prepare each tensor, global reductions in order, merge."""
+    from src.merge import get_method
+    from src.merge.reductions import run_reduction
+
+    method = get_method(name)
+    p = method.make_params(**params)
+    states = {g.name: method.prepare(g, p) for g in groups}
+    stats: dict = {}
+    for stat_name, factory in method.reductions(p):
+        stats[stat_name] = run_reduction(factory(dict(stats)), lambda: list(states.items()))
+    return {n: method.merge(s, p, stats) for n, s in states.items()}

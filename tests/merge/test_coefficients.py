@@ -17,24 +17,16 @@ from src.merge import Sweep, merge, merge_state_dicts
 from src.merge.coefficients import CoefficientTable, weighted_combination
 from src.merge.methods import _kernels as K
 from src.merge.methods.dare import dare_seed
+
+from .helpers import run_method
 from src.merge.methods.ties import elected_entries
 from src.merge.registry import TensorGroup, get_method
-from src.merge.reductions import run_reduction
 from src.merge.updates import LowRank, densify
 
 NAMES = ("layers.0.attn.q.weight", "layers.0.mlp.fc.weight", "layers.0.mlp.fc.bias")
 SHAPES = {"layers.0.attn.q.weight": (12, 10), "layers.0.mlp.fc.weight": (16, 12), "layers.0.mlp.fc.bias": (16,)}
 
 
-def run_method(name, groups, **params):
-    """Drive a method like the engine: prepare, global reductions, merge (tests/merge idiom)."""
-    method = get_method(name)
-    p = method.make_params(**params)
-    states = {g.name: method.prepare(g, p) for g in groups}
-    stats: dict = {}
-    for stat_name, factory in method.reductions(p):
-        stats[stat_name] = run_reduction(factory(dict(stats)), lambda: list(states.items()))
-    return {n: method.merge(s, p, stats) for n, s in states.items()}
 
 
 def model(n=3, seed=0, dtype=torch.float32):

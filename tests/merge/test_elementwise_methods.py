@@ -30,20 +30,11 @@ from src.merge.methods.dare import dare_seed
 from src.merge.registry import TensorGroup, get_method
 from src.merge.reductions import run_reduction
 
-from .helpers import reference_elect_and_merge
+from .helpers import reference_elect_and_merge, run_method
 
 ALL = ["average", "task_arithmetic", "ties", "dare", "slerp", "mlerp"]
 
 
-def run_method(name: str, groups: list[TensorGroup], **params) -> dict[str, torch.Tensor]:
-    """Drive a method like the engine: prepare each tensor, global reductions in order, merge."""
-    method = get_method(name)
-    p = method.make_params(**params)
-    states = {g.name: method.prepare(g, p) for g in groups}
-    stats: dict = {}
-    for stat_name, factory in method.reductions(p):
-        stats[stat_name] = run_reduction(factory(dict(stats)), lambda: list(states.items()))
-    return {n: method.merge(s, p, stats) for n, s in states.items()}
 
 
 def merge_one(name: str, updates, base=None, tensor_name="w", **params) -> torch.Tensor:
