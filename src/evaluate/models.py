@@ -42,11 +42,16 @@ class EvaluationError(ValueError):
 
 
 class WeightSwap:
-    """Copies weight states into a module's parameters and restores the originals exactly."""
+    """Copies weight states into a module's parameters and restores the originals exactly.
+
+    The original of a tensor is copied once, the first time it is swapped out, and kept for the
+    run (a sweep swaps the same tensors at every grid point); ``restore`` copies back only what is
+    swapped out now."""
 
     def __init__(self, model: torch.nn.Module):
         self.tensors = dict(model.state_dict(keep_vars=True))
-        self._saved: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor] = {}
+        self._swapped: set[str] = set()
 
     def apply(self, state: WeightState, where: str = "<weights>") -> None:
         with torch.no_grad():
@@ -57,19 +62,20 @@ class WeightSwap:
                 if tuple(value.shape) != tuple(target.shape):
                     raise EvaluationError(where, f"tensor {name!r} has shape {tuple(value.shape)}, the base model's "
                                                  f"has {tuple(target.shape)}")
-                if name not in self._saved:
-                    self._saved[name] = target.detach().clone()
+                if name not in self._originals:
+                    self._originals[name] = target.detach().clone()
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
+                self._swapped.add(name)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for name, original in self._saved.items():
-                self.tensors[name].copy_(original)
-        self._saved.clear()
+            for name in self._swapped:
+                self.tensors[name].copy_(self._originals[name])
+        self._swapped.clear()
 
     def original(self, name: str) -> torch.Tensor:
         """The base model's own value of ``name`` (whether or not it is swapped out now)."""
-        return self._saved.get(name, self.tensors[name]).detach()
+        return self._originals.get(name, self.tensors[name]).detach()
 
 
 def datamodule_of(info: TaskInfo, task_dir: Path, overrides: Optional[Mapping[str, Any]] = None):
@@ -299,8 +305,7 @@ def load_merged(merged_dir: Union[str, Path], task: Union[str, Path], base: Opti
         raise EvaluationError(e.path, str(e).split(": ", 1)[-1]) from None
     name = bank.tasks[0]
     state = bank.merged_state(merged_dir, name)
-    bank.swap.apply(state, str(merged_dir))
-    bank.swap._saved.clear()  # the merged weights stay: this base belongs to the returned module
+    bank.swap.apply(state, str(merged_dir))  # never restored: this base belongs to the returned module
     return bank.modules[name]
 
 
