@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -367,7 +368,8 @@ class EvaluationRun:
         for s in summary.values():
             s["merge_apply_fraction"] = s["merge_apply_s"] / max(s["evaluate_s"], 1e-9)
         path = self.rows_path.parent / "timing.json"
-        path.write_text(json.dumps({"grid_splits": self.config.grid_splits, "per_method": summary}, indent=2) + "\n")
+        _replace_own(path, json.dumps({"grid_splits": self.config.grid_splits, "per_method": summary}, indent=2) + "\n",
+                     '{\n  "grid_splits"')
 
     def references(self) -> None:
         tasks = self.all_tasks
@@ -668,6 +670,22 @@ def run_evaluation(config: EvalConfig) -> list[dict[str, Any]]:
     return EvaluationRun(config).run()
 
 
+def _replace_own(path: Path, text: str, signature: str) -> None:
+    """Write ``text`` to ``path`` atomically, replacing only an earlier file of ours (it starts with
+    ``signature``): a file of the user's that happens to sit next to the rows is never overwritten."""
+    if path.exists():
+        try:
+            ours = path.read_text(errors="replace").startswith(signature)
+        except OSError:
+            ours = False
+        if not ours:
+            raise ValueError(f"{path}: exists and was not written by an evaluation run of this experiment; "
+                             "not replaced (choose another --rows directory)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_reports(run: EvaluationRun) -> list[Path]:
     """``report.md`` (tables) and ``sensitivity.png`` next to the rows, rendered from the rows only."""
     from .report import plot_heldin_vs_generalization, plot_sensitivity, render_table
@@ -687,7 +705,7 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     if any(r.get("task") == "joint" for r in rows):
         parts += ["## Joint benchmark: Hits@k (%) over the union of the labels\n", render_table(rows, "joint", params="none")]
     report = out / "report.md"
-    report.write_text("\n".join(parts))
+    _replace_own(report, "\n".join(parts), f"# {run.config.experiment}: test results")
     written = [report]
     if any(r.get("stage") == "grid" and r.get("method") != "finetuned" for r in rows):
         held = [metric[t] for t in run.held_in]

@@ -297,3 +297,21 @@ def test_review_fixes_guard_what_rows_and_tables_mean(demo_tasks, tmp_path):
     with pytest.raises(ValueError, match="not a rows file"):
         RowStore(notes)
     assert notes.read_text() == "my notes\nimportant last line without newline"
+
+
+def test_reports_never_replace_a_users_file_next_to_the_rows(demo_tasks, tmp_path):
+    from src.evaluate.run import write_reports
+
+    (tmp_path / "report.md").write_text("my own notes\n")
+    run = EvaluationRun(EvalConfig(experiment="tiny", tasks=[str(demo_tasks[t]) for t in TASKS[:2]], protocol=None,
+                                   methods=[], rows=str(tmp_path / "rows.jsonl"), progress=False, ensemble=False,
+                                   zeroshot=False))
+    run.run()
+    with pytest.raises(ValueError, match="not replaced"):
+        write_reports(run)
+    assert (tmp_path / "report.md").read_text() == "my own notes\n"
+    (tmp_path / "report.md").unlink()
+    write_reports(run)
+    write_reports(run)  # its own earlier report is replaced
+    assert (tmp_path / "report.md").read_text().startswith("# tiny: test results")
+    assert not list(tmp_path.glob(".*.tmp"))
