@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 FORMAT_VERSION = 1
@@ -47,9 +47,15 @@ class TaskInfo:
     # {"zeroshot": {"val_acc": .., "test_acc": ..}, "finetuned": {"val_acc": .., "test_acc": ..}}
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # set by permutation alignment (src/permute): {"frame": the reference's base-model id,
+    # "reference": its task directory, "method": ..., "source": the unaligned task directory}
+    aligned_to: Optional[dict[str, Any]] = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if data["aligned_to"] is None:
+            del data["aligned_to"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict, path) -> "TaskInfo":
@@ -63,9 +69,10 @@ class TaskInfo:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise TaskCheckpointError(path, f"format_version must be a positive integer, got {version!r}")
         for name, types in (("task", str), ("base_model", str), ("family", str), ("label_names", list),
-                            ("hparams", dict), ("metrics", dict)):
+                            ("hparams", dict), ("metrics", dict), ("aligned_to", (dict, type(None)))):
             if name in data and not isinstance(data[name], types):
-                raise TaskCheckpointError(path, f"{name} must be a {types.__name__}, got {data[name]!r}")
+                what = types.__name__ if isinstance(types, type) else "JSON object"
+                raise TaskCheckpointError(path, f"{name} must be a {what}, got {data[name]!r}")
         if version > FORMAT_VERSION:
             raise TaskCheckpointError(path, f"format_version {data['format_version']} is newer than {FORMAT_VERSION}")
         known = {f for f in cls.__dataclass_fields__}

@@ -165,6 +165,7 @@ class ModelBank:
                 raise EvaluationError(self.task_dirs[task], f"was finetuned from {info.base_model!r}, the other tasks "
                                                             f"from {first.base_model!r}: one base per evaluation")
         self.base_model_id = first.base_model
+        self.mixed_inits = mixed_inits
         self.modules = {task: build_module(info, self.task_dirs[task]) for task, info in self.infos.items()}
         loader = next(iter(self.modules.values()))
         if base is not None:
@@ -275,7 +276,11 @@ class ModelBank:
 
     def check_merged(self, merged_dir: Path, info: Mapping[str, Any], task: Optional[str]) -> None:
         recorded = info.get("base_model_id") or next((t.get("base_model") for t in info["tasks"] if t.get("base_model")), None)
-        if recorded and canonical_base(recorded) != canonical_base(self.base_model_id):
+        if recorded and self.mixed_inits:  # one architecture from different initializations: compare the architecture
+            recorded, expected = recorded.split("#init-")[0], self.base_model_id.split("#init-")[0]
+        else:
+            expected = self.base_model_id
+        if recorded and canonical_base(recorded) != canonical_base(expected):
             raise EvaluationError(merged_dir / "merge.json", f"was merged from task models of base {recorded!r}, "
                                                              f"but the tasks evaluated here use {self.base_model_id!r}")
         names = [t.get("task") for t in info["tasks"]]

@@ -21,6 +21,9 @@ def declared_base(reader) -> Optional[str]:
     """The base-model id a task reader records, or ``None`` when it records none."""
     info = getattr(reader, "task_info", None)
     if info is not None:
+        aligned = getattr(info, "aligned_to", None)
+        if aligned and aligned.get("frame"):  # permuted into a reference model's units (src/permute)
+            return f"aligned-to:{aligned['frame']}"
         return str(info.base_model) or None
     config = getattr(reader, "config", None)
     if isinstance(config, dict):

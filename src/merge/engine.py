@@ -200,8 +200,13 @@ class MergeEngine:
         first, first_id = declared[0]
         for t, b in declared[1:]:
             if canonical_base(b) != canonical_base(first_id):
+                hint = ""
+                if b.split("#init-")[0] == first_id.split("#init-")[0]:
+                    hint = ("; these are one architecture trained from different initializations: their units are "
+                            "not aligned, so align them first (python -m src.permute --tasks [...] --output DIR "
+                            "--methods [git_rebasin] writes aligned task models under DIR/git_rebasin/aligned/)")
                 raise MergeInputError(t.path, f"was finetuned from another base model ({b!r}) than "
-                                      f"{first.path} ({first_id!r})")
+                                      f"{first.path} ({first_id!r}){hint}")
         return first_id
 
     # ----- validation -----------------------------------------------------------------
