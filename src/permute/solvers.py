@@ -131,6 +131,9 @@ def greedy_merge(S: np.ndarray, origin: np.ndarray, keep: int, alpha: float, bet
     models = int(origin.max()) + 1
     to_remove = n - keep
     budget = np.full(models, int((to_remove // models) * beta + 1e-4))
+    for o in np.flatnonzero(budget <= 0):  # no budget at all: never merge within that model
+        sel = origin == o
+        S[np.ix_(sel, sel)] = -np.inf
     members = [[i] for i in range(n)]
     alive = np.ones(n, dtype=bool)
     origin = origin.copy()
