@@ -58,7 +58,8 @@ def resolve_output_dir(output_dir: Optional[str], task: str) -> Path:
 
 #: Init arguments of models and datamodules that name something a run reads: a base model,
 #: tokenizer / processor, data directory. Those that are existing local paths are protected.
-INPUT_ARGS = ("pretrained", "tokenizer", "processor", "clip_model", "data_root", "data_dir", "root", "hub_id")
+INPUT_ARGS = ("pretrained", "tokenizer", "processor", "clip_model", "text_model", "data_root", "data_dir", "root",
+              "hub_id")
 
 
 def input_paths(*arg_dicts) -> list[str]:

@@ -60,6 +60,8 @@ MODEL_OVERRIDES: dict[str, Callable[[dict], dict]] = {
         "model_config": TINY_LLAMA, "torch_dtype": "float32", "quantization": None},
     "src.finetune.models.mt5.MT5Seq2Seq": lambda a: {
         "model_config": TINY_MT5, "tokenizer": minilm_path(), "torch_dtype": "float32"},
+    "src.finetune.models.mlp.MLPClassifier": lambda a: {  # a tiny random text encoder, 32-d
+        "text_config": TINY_BERT, "tokenizer": minilm_path(), "out_dim": TINY_BERT["hidden_size"]},
     "src.finetune.models.resnet.ResNetClassifier": lambda a: {"clip_config": TINY_CLIP},
 }
 
@@ -84,6 +86,8 @@ FAKE_BATCH: dict[str, Callable[[], dict]] = {
     "src.finetune.models.demo_text.DemoTextClassifier": lambda: _tokens(TINY_BERT["vocab_size"]),
     "src.finetune.models.llama_nli.LlamaNLIClassifier": lambda: _tokens(TINY_LLAMA["vocab_size"]),
     "src.finetune.models.mt5.MT5Seq2Seq": lambda: _seq2seq(TINY_MT5["vocab_size"]),
+    "src.finetune.models.mlp.MLPClassifier": lambda: {"pixel_values": torch.rand(2, 64),
+                                                      "labels": torch.zeros(2, dtype=torch.long)},
     "src.finetune.models.resnet.ResNetClassifier": _images,
 }
 
@@ -94,6 +98,7 @@ DATA_OVERRIDES: dict[str, Callable[[dict], dict]] = {
     "src.finetune.data.crosslingual.CrossLingualDataModule": lambda a: {"tokenizer": minilm_path()},
     "src.finetune.data.demo.DemoDataModule": lambda a: {"tokenizer": minilm_path()},
     "src.finetune.data.cifar.CifarSubsetDataModule": lambda a: {},
+    "src.finetune.data.digits.DigitsSubsetDataModule": lambda a: {},
 }
 
 DATA_TASK: dict[str, Callable[[dict], str]] = {
@@ -102,6 +107,7 @@ DATA_TASK: dict[str, Callable[[dict], str]] = {
     "src.finetune.data.nli.NLIDataModule": lambda a: a["task"],
     "src.finetune.data.crosslingual.CrossLingualDataModule": lambda a: f"{a['task']}-{a['language']}",
     "src.finetune.data.demo.DemoDataModule": lambda a: a["task"],
+    "src.finetune.data.digits.DigitsSubsetDataModule": lambda a: f"digits-{a['subset']}of{a.get('num_subsets', 2)}",
     "src.finetune.data.cifar.CifarSubsetDataModule":
         lambda a: f"{a['dataset']}-{a['subset']}of{a.get('num_subsets', 2)}",
 }

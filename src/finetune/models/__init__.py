@@ -4,6 +4,8 @@
 * :class:`~src.finetune.models.demo_text.DemoTextClassifier` -- all-MiniLM-L6-v2 demo family
 * ``src.finetune.models.llama_nli.LlamaNLIClassifier`` -- Llama sequence classifiers (NLI)
 * ``src.finetune.models.mt5.MT5Seq2Seq`` -- mT5 seq2seq
+* :class:`~src.finetune.models.mlp.MLPClassifier` -- from-scratch MLP + frozen MiniLM text head
+  (offline permutation-merging demo, family ``mlp-scratch``)
 
 Classes are imported lazily so that importing one family never needs another's extras.
 """
@@ -16,6 +18,7 @@ _LAZY = {
     "DemoTextClassifier": "src.finetune.models.demo_text",
     "LlamaNLIClassifier": "src.finetune.models.llama_nli",
     "MT5Seq2Seq": "src.finetune.models.mt5",
+    "MLPClassifier": "src.finetune.models.mlp",
 }
 
 __all__ = list(_LAZY)
