@@ -25,18 +25,6 @@ from .solvers import Match
 from .spec import PermutationSpec
 
 
-def along(t: torch.Tensor, axis: int, A: torch.Tensor) -> torch.Tensor:
-    """``A @ t`` along ``axis`` (``A``: ``k x t.shape[axis]``)."""
-    moved = t.movedim(axis, 0)
-    shape = moved.shape
-    result = A.to(t.dtype if t.is_floating_point() else torch.float32) @ moved.reshape(shape[0], -1)
-    return result.reshape(A.shape[0], *shape[1:]).movedim(0, axis)
-
-
-def _operator(match: Match, model: int, role: str, models: int) -> torch.Tensor:
-    return match.merge[model] * models if role == "out" else match.unmerge[model].T
-
-
 def merge_states(spec: PermutationSpec, matches: Mapping[str, Match],
                  states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One state from ``M`` models' states and a matching per perm (module docstring)."""
@@ -54,8 +42,7 @@ def merge_states(spec: PermutationSpec, matches: Mapping[str, Match],
             t = state[name].float()
             for a, axis in enumerate(axes):
                 if axis is not None:
-                    match = matches[axis[0]]
-                    t = along(t, a, match.merge[i] if axis[1] == "out" else match.unmerge[i].T)
+                    t = matches[axis[0]].apply(t, a, i, "merge" if axis[1] == "out" else "spread")
             total = t if total is None else total + t
         merged[name] = (total * scale).to(t0.dtype)
     return merged
@@ -89,7 +76,7 @@ def weight_similarity(spec: PermutationSpec, perm: str, matches: Mapping[str, Ma
             t = state[name].float()
             for a, other in enumerate(axes):  # the other axes into merged coordinates
                 if a != axis and other is not None and other[0] in matches:
-                    t = along(t, a, _operator(matches[other[0]], i, other[1], models))
+                    t = matches[other[0]].apply(t, a, i, "members" if other[1] == "out" else "spread")
             feats.append(t.movedim(axis, 0).reshape(d, -1).double())
         F = torch.cat(feats, 0)
         gram += F @ F.T

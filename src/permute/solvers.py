@@ -33,26 +33,23 @@ from scipy.optimize import linear_sum_assignment
 from .spec import Perm
 
 
-@dataclass
 class Match:
-    """One perm's matching for ``M`` models (see the module docstring)."""
+    """One perm's matching for ``M`` models (see the module docstring), held sparsely: per
+    model the ``(merged unit, model unit, merge weight)`` entries. ``merge`` / ``unmerge`` give
+    the dense matrices; :meth:`apply` multiplies along an axis without forming them (an index
+    select for alignments, a sparse product for zips)."""
 
-    merge: list[torch.Tensor]
-    unmerge: list[torch.Tensor]
-    score: float
-    permutations: Optional[list[torch.Tensor]] = None  # alignment: model i's unit for merged unit m
+    def __init__(self, entries: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], sizes: Sequence[int],
+                 merged: int, score: float, permutations: Optional[Sequence[torch.Tensor]] = None):
+        self.entries, self.sizes, self.merged, self.score = list(entries), list(sizes), int(merged), float(score)
+        self.permutations = None if permutations is None else [p.clone() for p in permutations]
+        self._sparse: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
     def from_permutations(cls, perms: Sequence[torch.Tensor], score: float = float("nan")) -> "Match":
         n = len(perms)
-        merge, unmerge = [], []
-        for p in perms:
-            d = len(p)
-            P = torch.zeros(d, d)
-            P[torch.arange(d), p] = 1.0  # row m picks unit p[m]
-            merge.append(P / n)
-            unmerge.append(P.T.contiguous())
-        return cls(merge, unmerge, score, [p.clone() for p in perms])
+        entries = [(torch.arange(len(p)), p.long(), torch.full((len(p),), 1.0 / n)) for p in perms]
+        return cls(entries, [len(p) for p in perms], len(perms[0]), score, perms)
 
     @classmethod
     def identity(cls, size: int, models: int) -> "Match":
@@ -61,14 +58,53 @@ class Match:
     @classmethod
     def from_members(cls, members: Sequence[Sequence[tuple[int, int]]], sizes: Sequence[int], score: float) -> "Match":
         """Merged unit ``m`` averages the ``(model, unit)`` pairs ``members[m]``."""
-        k = len(members)
-        merge = [torch.zeros(k, d) for d in sizes]
-        unmerge = [torch.zeros(d, k) for d in sizes]
+        per_model: list[list[tuple[int, int, float]]] = [[] for _ in sizes]
         for m, group in enumerate(members):
             for model, unit in group:
-                merge[model][m, unit] = 1.0 / len(group)
-                unmerge[model][unit, m] = 1.0
-        return cls(merge, unmerge, score)
+                per_model[model].append((m, unit, 1.0 / len(group)))
+        entries = []
+        for rows in per_model:
+            r, c, v = zip(*rows) if rows else ((), (), ())
+            entries.append((torch.tensor(r, dtype=torch.long), torch.tensor(c, dtype=torch.long),
+                            torch.tensor(v, dtype=torch.float32)))
+        return cls(entries, sizes, len(members), score)
+
+    def _dense(self, i: int, values: torch.Tensor) -> torch.Tensor:
+        rows, cols, _ = self.entries[i]
+        out = torch.zeros(self.merged, self.sizes[i])
+        out[rows, cols] = values
+        return out
+
+    @property
+    def merge(self) -> list[torch.Tensor]:
+        """Per model ``k x d``: merged unit = sum of weights x the model's units."""
+        return [self._dense(i, e[2]) for i, e in enumerate(self.entries)]
+
+    @property
+    def unmerge(self) -> list[torch.Tensor]:
+        """Per model ``d x k``: a model unit reads its merged unit."""
+        return [self._dense(i, torch.ones_like(e[2])).T.contiguous() for i, e in enumerate(self.entries)]
+
+    def operator(self, i: int, kind: str) -> torch.Tensor:
+        """Sparse ``k x d``: ``merge`` (``merge[i]``), ``spread`` (``unmerge[i]^T``) or ``members``
+        (``merge[i] * M``: the model's units summed, for weight features)."""
+        key = (i, kind)
+        if key not in self._sparse:
+            rows, cols, vals = self.entries[i]
+            values = {"merge": vals, "spread": torch.ones_like(vals), "members": vals * len(self.entries)}[kind]
+            self._sparse[key] = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (self.merged, self.sizes[i]),
+                                                        check_invariants=True).coalesce()
+        return self._sparse[key]
+
+    def apply(self, t: torch.Tensor, axis: int, i: int, kind: str) -> torch.Tensor:
+        """``operator(i, kind) @ t`` along ``axis``."""
+        if self.permutations is not None:
+            out = t.index_select(axis, self.permutations[i].to(t.device))
+            return out * self.entries[i][2][0].item() if kind == "merge" else out
+        moved = t.movedim(axis, 0)
+        shape = moved.shape
+        result = torch.sparse.mm(self.operator(i, kind).to(t.device), moved.reshape(shape[0], -1).float())
+        return result.reshape(self.merged, *shape[1:]).movedim(0, axis).to(t.dtype)
 
 
 def _lsa(block: np.ndarray) -> tuple[np.ndarray, float]:
@@ -126,7 +162,7 @@ def greedy_merge(S: np.ndarray, origin: np.ndarray, keep: int, alpha: float, bet
     member lists of the kept items and the mean similarity of the merges made. ``once``: a merged
     item never merges again (a pairing: groups are zipped in pairs)."""
     n = len(S)
-    S = S.astype(np.float64, copy=True)
+    S = np.array(S, dtype=np.float32, copy=True)
     np.fill_diagonal(S, -np.inf)
     models = int(origin.max()) + 1
     to_remove = n - keep
@@ -197,7 +233,7 @@ def zip_units(sims: Sequence[torch.Tensor], perms: Sequence[Perm], models: int, 
     d, gs, groups = first.size, first.group_size, first.groups
     if gs == 1 and len(perms) == 1:
         origin = np.repeat(np.arange(models), d)
-        kept, score = greedy_merge(sims[0].double().cpu().numpy(), origin, d, alpha, beta)
+        kept, score = greedy_merge(sims[0].float().cpu().numpy(), origin, d, alpha, beta)
         members = [[(int(u) // d, int(u) % d) for u in group] for group in kept]
         return [Match.from_members(members, [d] * models, score)]
     if models != 2:
