@@ -146,10 +146,11 @@ def build_mt5(tokenizer: str):
 def build_resnet(root: Path, task: str, labels: list[str], seed: int) -> Path:
     from src.finetune.models.resnet import ResNetClassifier
 
-    module = ResNetClassifier(width=1, clip_config=copy.deepcopy(TINY_CLIP), init_seed=0)  # one initialization
+    module = ResNetClassifier(width=1, clip_config=copy.deepcopy(TINY_CLIP), embed_dim=TINY_CLIP["projection_dim"],
+                              init_seed=0)  # one initialization
     module.label_names = list(labels)
     module.build_model(module.label_names, TEMPLATES)
-    perturb(module, seed, lambda n: True, 0.05)  # network and projection
+    perturb(module, seed, lambda n: True, 0.05)  # the whole network, its projection `proj` included
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # BatchNorm statistics move too (they are exported and merged)
         for name, buf in module.model.named_buffers():

@@ -62,7 +62,8 @@ MODEL_OVERRIDES: dict[str, Callable[[dict], dict]] = {
         "model_config": TINY_MT5, "tokenizer": minilm_path(), "torch_dtype": "float32"},
     "src.finetune.models.mlp.MLPClassifier": lambda a: {  # a tiny random text encoder, 32-d
         "text_config": TINY_BERT, "tokenizer": minilm_path(), "out_dim": TINY_BERT["hidden_size"]},
-    "src.finetune.models.resnet.ResNetClassifier": lambda a: {"clip_config": TINY_CLIP},
+    "src.finetune.models.resnet.ResNetClassifier": lambda a: {  # the tiny text tower embeds in 16-d
+        "clip_config": TINY_CLIP, "embed_dim": TINY_CLIP["projection_dim"]},
 }
 
 
@@ -109,7 +110,8 @@ DATA_TASK: dict[str, Callable[[dict], str]] = {
     "src.finetune.data.demo.DemoDataModule": lambda a: a["task"],
     "src.finetune.data.digits.DigitsSubsetDataModule": lambda a: f"digits-{a['subset']}of{a.get('num_subsets', 2)}",
     "src.finetune.data.cifar.CifarSubsetDataModule":
-        lambda a: f"{a['dataset']}-{a['subset']}of{a.get('num_subsets', 2)}",
+        lambda a: (f"{a['dataset']}-" + ("" if a.get("split_seed") is None else f"split{a['split_seed']}-")
+                   + f"{a['subset']}of{a.get('num_subsets', 2)}"),
 }
 
 CPU_TRAINER = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "num_nodes": 1,

@@ -3,9 +3,12 @@
 The classes are split the way the ZipIt / MuDSC code does it (a random half of the classes per
 model: 50+50 for CIFAR-100, 5+5 for CIFAR-10), but reproducibly: subset ``k`` is the ``k``-th
 contiguous chunk of a seeded permutation of the class ids (:func:`class_subsets`, numpy's frozen
-``RandomState`` as every split in this package). Labels are re-indexed within the subset (0..C-1,
-in the subset's order); ``label_names`` are the subset's CIFAR class names (``data/cifar/*.json``,
-``_`` -> space); ``templates = ["a photo of a {}."]`` for the CLIP text-embedding head.
+``RandomState`` as every split in this package), seeded by ``split_seed`` (default: ``seed``). The
+papers' several model pairs per setting are several class splits: ``split_seed`` p for pair p, and
+the task name then says it (``cifar100-split3-0of2``; without ``split_seed``: ``cifar100-0of2``).
+Labels are re-indexed within the subset (0..C-1, in the subset's order); ``label_names`` are the
+subset's CIFAR class names (``data/cifar/*.json``, ``_`` -> space); ``templates = ["a photo of a
+{}."]`` for the CLIP text-embedding head.
 
 Splits: test = the official test set restricted to the subset; validation = a seeded
 ``val_fraction`` of the subset's training images; train = the rest. Images: standard CIFAR
@@ -124,13 +127,17 @@ class CifarSubsetDataModule(SplitDataModule):
         hub_id: Hugging Face dataset id (default ``uoft-cs/cifar10`` / ``uoft-cs/cifar100``).
         data_root: a local ``save_to_disk`` DatasetDict (``train`` / ``test``), directly or in a
             subfolder named after ``dataset``.
-        seed: seeds the class permutation, the validation hold-out and the training order.
+        seed: seeds the validation hold-out and the training order, and the class permutation
+            unless ``split_seed`` is given.
         val_fraction: share of the subset's training images held out for validation.
+        split_seed: seeds the class permutation alone (one model pair's class split); the task
+            name becomes ``<dataset>-split<split_seed>-<subset>of<num_subsets>``. ``None``: ``seed``
+            does, and the task name is ``<dataset>-<subset>of<num_subsets>``.
     """
 
     def __init__(self, dataset: Literal["cifar10", "cifar100"] = "cifar100", subset: int = 0, num_subsets: int = 2,
                  hub_id: Optional[str] = None, data_root: Optional[str] = None, batch_size: int = 128,
-                 num_workers: int = 4, seed: int = 0, val_fraction: float = 0.1):
+                 num_workers: int = 4, seed: int = 0, val_fraction: float = 0.1, split_seed: Optional[int] = None):
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
         spec = _spec(dataset)
@@ -138,12 +145,15 @@ class CifarSubsetDataModule(SplitDataModule):
         if not 0 <= subset < num_subsets:
             raise ValueError(f"subset must be in 0..{num_subsets - 1}, got {subset}")
         self.subset, self.num_subsets = subset, num_subsets
-        self.task = f"{dataset}-{subset}of{num_subsets}"
+        self.split_seed = None if split_seed is None else int(split_seed)
+        split_name = "" if self.split_seed is None else f"split{self.split_seed}-"
+        self.task = f"{dataset}-{split_name}{subset}of{num_subsets}"
         self.hub_id = hub_id or spec["hub_id"]
         self.data_root = data_root
         self.val_fraction = val_fraction
         names = cifar_classes(dataset)
-        self.class_ids: list[int] = class_subsets(len(names), num_subsets, seed)[subset]
+        class_seed = seed if self.split_seed is None else self.split_seed
+        self.class_ids: list[int] = class_subsets(len(names), num_subsets, class_seed)[subset]
         self.label_names: list[str] = [names[c].replace("_", " ") for c in self.class_ids]
         self.templates: list[str] = list(TEMPLATES)
         self.remap = {c: i for i, c in enumerate(self.class_ids)}

@@ -2,22 +2,25 @@
 
 Network (:class:`ResNet20`): 3x3 conv to ``16*width`` channels, three stages of three basic blocks
 (``16w``, ``32w``, ``64w`` channels, stride 1 / 2 / 2; 1x1-conv + norm shortcut where the shape
-changes), global average pooling -> a ``64*width`` feature. ``norm="batch"`` (BatchNorm) or
-``"group"`` (GroupNorm, the ResNet-20-GN of MuDSC). Convolutions and linears get Kaiming-normal
+changes), global average pooling -> a ``64*width`` feature, and a final linear ``proj`` into the
+text-embedding width ``out_dim`` (ZipIt's models end the same way: their last linear maps to the
+CLIP width and is merged with the rest). ``norm="batch"`` (BatchNorm) or ``"group"`` (GroupNorm,
+the ResNet-20-GN of MuDSC). Every convolution and linear, ``proj`` included, gets Kaiming-normal
 init from ``init_seed`` (ZipIt's ``_weights_init``): models with different ``init_seed`` start from
 different initializations, which is what experiment E merges.
 
 Head: the class names of the datamodule's subset, each encoded with every template by a frozen CLIP
 text tower (``clip_model``, text tower + text projection only), L2-normalized, averaged,
-renormalized, as for the CLIP families. A learned linear projection maps the ResNet feature to the
-text-embedding width: ``logits = exp(logit_scale) * normalize(proj(f)) @ head^T``, scale 100 as in
-ZipIt's ``train_cliphead``.
+renormalized, as for the CLIP families: ``logits = exp(logit_scale) * normalize(net(x)) @ head^T``,
+scale 100 as in ZipIt's ``train_cliphead``. The network's ``out_dim`` is ``embed_dim`` (512 for
+the CLIP ViT-B/32 text tower), given up front so that the network can be built before any head
+(the evaluation stage builds the base network, then loads the heads).
 
-Export: ``trained_state_dict`` is the whole ResNet state dict (parameters and BatchNorm running
-statistics) under the network's own names (``conv1.weight``, ``layer2.0.bn1.running_mean``...);
-``head_state_dict`` is the text head (``weight``, ``logit_scale``) plus the projection
-(``proj.weight``, ``proj.bias``). Note that in ZipIt's models the final linear to the CLIP width
-is the last layer of the merged network; here it belongs to the (unmerged) head.
+Export: ``trained_state_dict`` is the whole network's state dict (parameters and BatchNorm running
+statistics) under its own names (``conv1.weight``, ``layer2.0.bn1.running_mean``, ...,
+``proj.weight``, ``proj.bias``); ``head_state_dict`` is the frozen text head only (``weight``,
+``logit_scale``). Task checkpoints written before the projection moved into the network (head
+entries ``proj.*``) are refused; retrain them.
 """
 from __future__ import annotations
 
@@ -62,12 +65,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (3 stages x 3 basic blocks) returning the pooled ``64*width`` feature."""
+    """CIFAR ResNet-20 (3 stages x 3 basic blocks): the pooled ``64*width`` feature through the
+    final linear ``proj`` into ``out_dim`` (the text-embedding width)."""
 
-    def __init__(self, width: int = 1, norm: str = "batch", groups: int = 8, blocks: int = 3):
+    def __init__(self, width: int = 1, norm: str = "batch", groups: int = 8, blocks: int = 3, *, out_dim: int):
         super().__init__()
         w = int(width)
-        self.feature_dim = 64 * w
+        self.feature_dim, self.out_dim = 64 * w, int(out_dim)
         self.conv1 = nn.Conv2d(3, 16 * w, 3, stride=1, padding=1, bias=False)
         self.bn1 = make_norm(norm, 16 * w, groups)
         layers, in_planes = [], 16 * w
@@ -78,6 +82,7 @@ class ResNet20(nn.Module):
                 in_planes = planes
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = layers
+        self.proj = nn.Linear(self.feature_dim, self.out_dim)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -85,18 +90,20 @@ class ResNet20(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.proj(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
-    """ResNet-20 (from scratch) + learned projection + frozen CLIP text-embedding head.
+    """ResNet-20 (from scratch, its last layer a learned projection) + frozen CLIP text-embedding head.
 
     Args:
         pretrained: a name for the architecture (no weights are loaded; the "base" is the random
             initialization of ``init_seed``).
         width: channel multiplier (ZipIt: x4 for CIFAR-10 5+5, x8 for CIFAR-100 50+50).
         norm: ``"batch"`` or ``"group"`` (GroupNorm with ``gcd(groups, channels)`` groups).
-        init_seed: seed of the random initialization (network and projection).
+        init_seed: seed of the random initialization (the whole network, ``proj`` included).
+        embed_dim: the text-embedding width, the network's output width (512: CLIP ViT-B/32's text
+            projection); :meth:`build_model` checks that the text head has it.
         clip_model: hub id / folder of the CLIP model whose text tower encodes the class names.
         clip_config: build the text tower from this ``CLIPConfig`` dict instead (random weights,
             byte tokenizer; tests / offline).
@@ -113,6 +120,7 @@ class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
         norm: Literal["batch", "group"] = "batch",
         groups: int = 8,
         init_seed: int = 0,
+        embed_dim: int = 512,
         finetune: Literal["full"] = "full",
         optim: Optional[OptimSpec] = None,
         label_smoothing: float = 0.0,
@@ -128,20 +136,21 @@ class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
             raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
         super().__init__(pretrained=pretrained, finetune="full", optim=optim, label_smoothing=label_smoothing)
         self.width, self.norm, self.groups, self.init_seed = int(width), norm, int(groups), int(init_seed)
+        self.embed_dim = int(embed_dim)
         self.clip_model, self.clip_config = clip_model, clip_config
         self.logit_scale_value = float(logit_scale)
         self.default_templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
-        self.proj: Optional[nn.Linear] = None
 
     @property
     def base_model_id(self) -> str:
-        arch = {"width": self.width, "norm": self.norm, "groups": self.groups}
+        arch = {"width": self.width, "norm": self.norm, "groups": self.groups, "out_dim": self.embed_dim}
         return f"{self.pretrained}x{self.width}-{self.norm}#init-{config_fingerprint(arch, self.init_seed)}"
 
     # ----- building -----------------------------------------------------------------
     def load_base(self) -> nn.Module:
-        """The network at its random initialization (``init_seed``), frozen."""
-        model = seeded_build(lambda: ResNet20(self.width, self.norm, self.groups), self.init_seed)
+        """The whole network (``proj`` included) at its random initialization (``init_seed``), frozen."""
+        model = seeded_build(lambda: ResNet20(self.width, self.norm, self.groups, out_dim=self.embed_dim),
+                             self.init_seed)
         model.requires_grad_(False)
         model.eval()
         return model
@@ -175,10 +184,12 @@ class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
         templates = list(templates) if templates else self.default_templates
         self.templates = templates
         head = class_embeddings(self.text_encoder(), label_names, templates)
+        if head.shape[1] != self.embed_dim:
+            raise ValueError(f"the text tower embeds the class names in {head.shape[1]} dimensions but embed_dim is "
+                             f"{self.embed_dim}: set the model's embed_dim to {head.shape[1]} "
+                             "(the network's output width)")
         self.set_head(head, math.log(self.logit_scale_value))
-        base = self.load_base()
-        self.proj = seeded_build(lambda: nn.Linear(base.feature_dim, head.shape[1]), self.init_seed + 1)
-        self.attach_base(base, trainable=True)
+        self.attach_base(self.load_base(), trainable=True)
 
     def attach_base(self, base: nn.Module, trainable: bool = True) -> None:
         base.train(trainable)
@@ -187,7 +198,7 @@ class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
 
     # ----- forward ------------------------------------------------------------------
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.model(pixel_values))
+        return self.model(pixel_values)
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.head_logits(self.features(batch["pixel_values"]))
@@ -197,25 +208,20 @@ class ResNetClassifier(EmbeddingHeadMixin, TaskModule):
 
     # ----- export -------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole network: parameters and normalization buffers (BatchNorm running statistics)."""
+        """The whole network (``proj`` included): parameters and normalization buffers (BatchNorm
+        running statistics)."""
         return {k: v.detach() for k, v in self.unwrapped_model().state_dict().items()}
 
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.proj is None:
-            raise RuntimeError("model not built yet (build_model)")
-        state = super().head_state_dict()
-        state.update({f"proj.{k}": v.detach() for k, v in self.proj.state_dict().items()})
-        return state
-
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "proj.weight" not in state or "proj.bias" not in state:
-            raise KeyError("a resnet-cifar head needs 'proj.weight' and 'proj.bias'")
-        super().load_head_state_dict({k: v for k, v in state.items() if not k.startswith("proj.")})
-        weight = state["proj.weight"]
-        if weight.shape[0] != self.head.shape[1]:
-            raise ValueError(f"projection outputs {weight.shape[0]} features, the head has width {self.head.shape[1]}")
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0])
-        self.proj.load_state_dict({"weight": state["proj.weight"], "bias": state["proj.bias"]})
+        """The frozen text head (``weight``, ``logit_scale``); its width must be the network's output width."""
+        old = sorted(k for k in state if k.startswith("proj."))
+        if old:
+            raise ValueError(f"head entries {old}: the projection is now the network's last layer (model.safetensors); "
+                             "this task checkpoint has the old layout, retrain it")
+        weight = state.get("weight")
+        if weight is not None and weight.ndim == 2 and weight.shape[1] != self.embed_dim:
+            raise ValueError(f"the head has width {weight.shape[1]}, the network outputs embed_dim={self.embed_dim}")
+        super().load_head_state_dict(state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the network's normalization buffers too (they are not trainable parameters)."""
