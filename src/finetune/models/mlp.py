@@ -13,8 +13,8 @@ Head: the class names of the datamodule (``label_names``, e.g. "zero" .. "nine")
 every template by the demo's frozen text encoder (all-MiniLM-L6-v2, mean pooling, the same encoder
 and pooling as :class:`~src.finetune.models.demo_text.DemoTextClassifier`), L2-normalized,
 averaged, renormalized; ``logits = exp(logit_scale) * normalize(mlp(x)) @ head^T`` with scale 100
-as in ZipIt. Unlike ResNet-20 (whose projection sits in the head), the projection ``proj`` is the
-network's last layer here: it is trained, exported in ``model.safetensors`` and merged.
+as in ZipIt. As in the ResNet-20 of experiment E, the projection ``proj`` is the network's last
+layer: it is trained, exported in ``model.safetensors`` and merged.
 
 Export: ``trained_state_dict`` is the whole MLP state dict (``fc*`` and ``proj``);
 ``head_state_dict`` is the text head only (``weight`` (C, out_dim), ``logit_scale``).
