@@ -7,6 +7,9 @@
 #      hyperparameters selected on validation (quick grids), the Ensemble and the joint
 #      benchmark; rows in checkpoints/demo-eval/rows.jsonl (finished ones are skipped on a
 #      re-run), tables in checkpoints/demo-eval/report.md, plot in sensitivity.png
+#   4. the permutation-merging demo (scripts/demo_permutation.sh): two MLPs from different
+#      initializations on the digits halves, merged by Git Re-Basin, ZipIt, MuDSC...; tables in
+#      checkpoints/demo_permutation-eval/report.md
 # Extra arguments go to the evaluation, e.g. the KnOTS paper's full grids:
 #   bash scripts/demo.sh --protocol knots --rows checkpoints/demo-eval-knots/rows.jsonl
 set -euo pipefail
@@ -18,3 +21,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/python -m src.finetune.train_all --config configs/finetune/demo.yaml \
   --tasks-file configs/finetune/tasks/demo.yaml --output checkpoints/demo
 .venv/bin/python -m src.evaluate --config configs/evaluate/demo.yaml --print_report true "$@"
+bash scripts/demo_permutation.sh

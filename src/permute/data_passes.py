@@ -15,7 +15,7 @@ augmentation), pooled in task order (Lightning's sequential ``CombinedLoader``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -27,6 +27,9 @@ from .spec import PermutationSpec
 
 
 def _trainer(accelerator: str = "auto", progress: bool = False) -> L.Trainer:
+    from ..statistics.collect import _quiet_lightning
+
+    _quiet_lightning()
     return L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress, inference_mode=False)
 
@@ -158,4 +161,3 @@ def accuracy_on(module: L.LightningModule, loader: DataLoader, accelerator: str 
 
 
 __all__ = ["activation_statistics", "reset_batchnorm", "accuracy_on", "training_loader"]
-_ = Mapping
