@@ -59,7 +59,7 @@ from .rows import normalized as _normalized_value, read_rows, row_key
 __all__ = ["TABLE_KINDS", "PLOT_KINDS", "REFERENCE_ORDER", "MISSING", "PRIMARY_METRICS",
            "render_table", "plot_sensitivity", "plot_heldin_vs_generalization", "main"]
 
-TABLE_KINDS = ("pertask", "joint", "cart", "compositional")
+TABLE_KINDS = ("pertask", "joint", "cart", "compositional", "mudsc")
 PLOT_KINDS = ("sensitivity", "scatter")
 #: the non-merge references, listed first in this order; every other method follows by first appearance
 REFERENCE_ORDER = ("finetuned", "zeroshot", "ensemble")
@@ -308,6 +308,35 @@ def _markdown(header: Sequence[str], body: Sequence[Sequence[str]], numeric: Seq
     return "\n".join(lines) + "\n"
 
 
+def _mudsc_table(every, experiment, split, stages, normalized: bool) -> str:
+    tasks_rows = _select(every, experiment=experiment, split=split, stages=stages, metric="acc", joint=False)
+    joint_rows = [r for r in _select(every, experiment=experiment, split=split, stages=stages, metric="hits@1", joint=True)
+                  if r.get("dataset") in (None, "union")]
+    if not tasks_rows:
+        raise ValueError(f"no per-task accuracy rows for a mudsc table (split {split!r}, experiment {experiment!r})")
+    refs = _reference_values(_select(every, experiment=experiment, split=split))
+    tasks = sorted({r["task"] for r in tasks_rows})
+    lines: dict[tuple, dict[str, float]] = {}
+    for r in tasks_rows + joint_rows:
+        line = _Line(r.get("experiment"), r["method"], r.get("label") or r["method"])
+        value = _value(r, normalized and r["task"] != "joint", refs)
+        if value is not None:
+            lines.setdefault(line, {})[r["task"]] = value
+    order = sorted(lines, key=lambda l: (REFERENCE_ORDER.index(l.method) if l.method in REFERENCE_ORDER
+                                         else len(REFERENCE_ORDER)))
+    body = []
+    for line in order:
+        cells = lines[line]
+        per_task = [cells.get(t) for t in tasks]
+        avg = sum(per_task) / len(per_task) if all(v is not None for v in per_task) else None
+        body.append([line.label] + [_fmt(v) for v in [cells.get("joint")] + per_task + [avg]])
+    return _markdown(["method", "Joint"] + tasks + ["Avg"], body, [False] + [True] * (len(tasks) + 2))
+
+
+def _fmt(value: Optional[float]) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}"
+
+
 def render_table(rows: Rows, kind: str, *, normalized: bool = False, split: str = "test",
                  experiment: Optional[str] = None, metric: Union[str, Mapping[str, str], None] = None,
                  group: Optional[str] = None, all_k: bool = False, params: str = "all",
@@ -323,6 +352,8 @@ def render_table(rows: Rows, kind: str, *, normalized: bool = False, split: str 
       hold (or only ``metric``), then one column per dataset with the first metric (every metric
       with ``all_k``), and ``params``.
     * ``cart`` (CART Table 1): absolute ``metric`` (``acc``) per task and their ``mean``; no params.
+    * ``mudsc`` (MuDSC Table 1): ``Joint`` (union Hits@1: every class of the combined tasks), then
+      each task's accuracy with its own head and their ``Avg``; one line per method.
     * ``compositional``: ``held-in avg`` and ``generalization avg`` per method (the mean over the
       tasks of each ``group`` of their metric: ``metric``, or each task's own, see
       :data:`PRIMARY_METRICS`), and ``params``.
@@ -339,6 +370,8 @@ def render_table(rows: Rows, kind: str, *, normalized: bool = False, split: str 
     if kind == "cart" and normalized:
         raise ValueError("the cart table shows absolute accuracy; use the pertask table for normalized values")
     every = _dedup(rows)
+    if kind == "mudsc":
+        return _mudsc_table(every, experiment, split, tuple(stages), normalized)
     base = _select(every, experiment=experiment, split=split, stages=tuple(stages), group=group,
                    joint=(kind == "joint"))
     if kind == "joint":

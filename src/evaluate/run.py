@@ -33,6 +33,7 @@ from ..merge import Sweep, get_method
 from ..merge.sweep import expand_grid
 from .loop import Evaluator, dataset_size, split_loader
 from .models import EvaluationError, ModelBank, datamodule_of
+from ..merged_output import read_merge_info
 from .protocols import restrict, search_for
 from ..safe_output import note
 from ..task_checkpoint import read_task_info
@@ -384,7 +385,8 @@ class EvaluationRun:
         if spec.method == "merged":
             if not spec.path:
                 raise ValueError(f"method {label!r}: 'merged' needs a path")
-            params = {"path": str(spec.path)}
+            # the merge's own hyperparameters (a permutation merge's searched alpha) label the rows
+            params = {"path": str(spec.path), **(read_merge_info(spec.path).get("params") or {})}
             state = lambda: self.bank.merged_state(spec.path)
             self.score_tasks("merged", label, params, str(spec.path), state, self.all_tasks, "test", "selected",
                              {"on": None, "protocol": "as merged"})
@@ -694,10 +696,13 @@ def write_reports(run: EvaluationRun) -> list[Path]:
             and r.get("tasks") == sorted(run.held_in)]  # not merges of another task set in the same file
     metric = {t: run.metric_of(t) for t in run.all_tasks}  # each task's own (accuracy, EM/F1, SP-ROUGE)
     out = run.rows_path.parent
-    parts = [f"# {run.config.experiment}: test results\n",
-             "Hyperparameters selected on validation "
-             f"(protocol `{run.config.protocol}`, score: {run.config.select_on} accuracy averaged over the tasks).\n",
-             "## Accuracy (%)\n", render_table(rows, "pertask", params="varied", metric=metric),
+    selection = ("Hyperparameters selected on validation "
+                 f"(protocol `{run.config.protocol}`, score: {run.config.select_on} accuracy averaged over the tasks).\n"
+                 if run.config.protocol else "Merged models scored as given (their hyperparameters were chosen when merging).\n")
+    parts = [f"# {run.config.experiment}: test results\n", selection]
+    if run.methods and all(m.method == "merged" for m in run.methods) and any(r.get("task") == "joint" for r in rows):
+        parts += ["## Joint and per-task accuracy (%) (MuDSC Table 1 layout)\n", render_table(rows, "mudsc")]
+    parts += ["## Accuracy (%)\n", render_table(rows, "pertask", params="varied", metric=metric),
              "## Normalized accuracy (% of each task's finetuned model)\n",
              render_table(rows, "pertask", normalized=True, params="none", metric=metric)]
     if run.config.generalization:
