@@ -5,6 +5,7 @@ the task checkpoints replaced by tiny demo-family LoRA models (tests/evaluate/co
 grid restricted to one or two values, on the CPU."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -149,6 +150,12 @@ def tiny_argv(path: Path, cfg, demo_tasks, rows_path: Path, held_out: bool) -> l
             "--statistics", json.dumps({"split": "train", "n": 4, "seed": 0})]  # the tiny tasks' whole train split
     # CART++'s low_rank_params name open_clip tensors (attn|mlp), which the tiny BERT does not have:
     # nothing would depend on its coefficients (a clear error, test_cart_pp_on_unmatched_tensors)
+    # merged networks (permutation merges, python -m src.permute) need their directories: they are
+    # run end to end on their own tiny models in tests/permute/test_experiment_e.py
+    if any(s.method == "merged" for s in cfg.methods):
+        kept = [{k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in cfg.methods
+                if s.method != "merged"]
+        argv += ["--methods", json.dumps(kept)]
     skip = [s.label or s.method for s in learned(cfg) if (s.fixed or {}).get("low_rank_params")]
     if skip:
         argv += ["--only", json.dumps([s.label or s.method for s in cfg.methods if (s.label or s.method) not in skip])]
