@@ -10,7 +10,8 @@
 #      checkpoints/demo_permutation-merged/<method>/ (finished methods are skipped on a re-run)
 #   4. evaluates every merged network per task and jointly (all 10 digits) with the evaluation
 #      stage: tables in checkpoints/demo_permutation-eval/report.md
-# Extra arguments go to the merge step, e.g. --alpha 0.5 --output checkpoints/other
+# Each half has about 540 training images: 256 for the activation statistics, the next 256 score
+# MuDSC's alpha grid. Extra arguments go to the merge step, e.g. --alpha 0.5 --output checkpoints/other
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import src.permute, src.finetune, lightning, sklearn" 2>/dev/null; then
@@ -20,5 +21,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/python -m src.finetune.train_all --config configs/finetune/demo_permutation.yaml \
   --tasks-file configs/finetune/tasks/demo_permutation.yaml --output checkpoints/demo_permutation
 .venv/bin/python -m src.permute --tasks '[checkpoints/demo_permutation/digits-0of2, checkpoints/demo_permutation/digits-1of2]' \
-  --output checkpoints/demo_permutation-merged "$@"
+  --output checkpoints/demo_permutation-merged --n_examples 256 --search_examples 256 --reset_examples 256 "$@"
 .venv/bin/python -m src.evaluate --config configs/evaluate/demo_permutation.yaml --print_report true

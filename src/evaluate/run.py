@@ -590,7 +590,7 @@ class EvaluationRun:
 
     def head_module(self, tasks: Sequence[str], space, owner: Optional[str] = None):
         """A task module on the shared base whose head concatenates ``tasks``' heads in ``space``'s
-        order; the head's other entries (logit scale, a learned projection) are ``owner``'s
+        order; the head's other entries (the logit scale) are ``owner``'s
         (default: the first task's)."""
         from ..finetune.load import build_module
 

@@ -77,10 +77,10 @@ def weight_similarity(spec: PermutationSpec, perm: str, matches: Mapping[str, Ma
             for a, other in enumerate(axes):  # the other axes into merged coordinates
                 if a != axis and other is not None and other[0] in matches:
                     t = matches[other[0]].apply(t, a, i, "members" if other[1] == "out" else "spread")
-            feats.append(t.movedim(axis, 0).reshape(d, -1).double())
+            feats.append(t.movedim(axis, 0).reshape(d, -1).float())
         F = torch.cat(feats, 0)
-        gram += F @ F.T
-        sums += F.sum(1)
+        gram += (F @ F.T).double()  # float32 products, float64 totals over tensors
+        sums += F.sum(1).double()
         length += F.shape[1]
     if kind == "inner":
         return gram.float()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -129,12 +130,20 @@ class PermutationRun:
         self.datamodules = [datamodule_of(i, d, config.data) for i, d in zip(self.infos, self.task_dirs)]
         self.output = Path(config.output)
         self._act = None
+        self._warned: set = set()
 
     # ----- data -------------------------------------------------------------------------
     def _loaders(self, n: int, offset: int = 0):
         from .data_passes import training_loader
 
-        return [training_loader(dm, n, self.config.seed, self.config.batch_size, offset) for dm in self.datamodules]
+        loaders = [training_loader(dm, n, self.config.seed, self.config.batch_size, offset) for dm in self.datamodules]
+        for info, loader in zip(self.infos, loaders):
+            got = len(loader.dataset)
+            if got < n and (info.task, n, offset) not in self._warned:
+                self._warned.add((info.task, n, offset))
+                print(f"note: {info.task}: its training split has {got} examples left for {n} asked "
+                      f"(after {offset} used for the statistics); using {got}", file=sys.stderr)
+        return loaders
 
     def activation_similarity(self) -> dict[str, torch.Tensor]:
         """Correlations from the cached statistics (computed on first need)."""
