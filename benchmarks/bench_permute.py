@@ -78,12 +78,15 @@ def main(argv=None) -> int:
     for method in args.methods:
         opts = dict(SETTINGS[method])
         start = time.perf_counter()
-        matches = match_models(spec, states, act if opts["alpha"] < 1 else None, max_iter=args.max_iter, **opts)
+        report = {}
+        matches = match_models(spec, states, act if opts["alpha"] < 1 else None, max_iter=args.max_iter,
+                               report=report, **opts)
         matched = time.perf_counter() - start
         merge_states(spec, matches, states)
         total = time.perf_counter() - start
-        rows.append({"method": method, "match_s": round(matched, 2), "match_and_merge_s": round(total, 2)})
-        print(f"{method:12s} match {matched:7.2f} s   match + merge {total:7.2f} s")
+        rows.append({"method": method, "match_s": round(matched, 2), "match_and_merge_s": round(total, 2),
+                     "sweeps": report["sweeps"]})
+        print(f"{method:12s} match {matched:7.2f} s   match + merge {total:7.2f} s   sweeps {report['sweeps']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

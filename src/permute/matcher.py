@@ -56,9 +56,13 @@ def _solve(solver: str, sims, perms, models: int, zip_alpha: float, zip_beta: fl
 def match_models(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
                  act: Optional[Mapping[str, torch.Tensor]] = None, solver: str = "align", alpha: float = 0.0,
                  variant: str = "eq8", similarity: str = "correlation", max_iter: int = 100, patience: int = 5,
-                 seed: int = 0, zip_alpha: float = 0.0, zip_beta: float = 1.0) -> dict[str, Match]:
+                 seed: int = 0, zip_alpha: float = 0.0, zip_beta: float = 1.0,
+                 report: Optional[dict] = None) -> dict[str, Match]:
     """A :class:`Match` per perm (module docstring). ``act``: activation similarity per perm
-    (:func:`activation_similarity`); required when ``alpha < 1``."""
+    (:func:`activation_similarity`); required when ``alpha < 1``. ``report`` (a dict) receives
+    ``sweeps`` (coordinate-ascent sweeps run, 0 for a single pass) and ``objective``."""
+    report = {} if report is None else report
+    report["sweeps"] = 0
     models = len(states)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -83,6 +87,7 @@ def match_models(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tens
         for unit in units:
             solve(unit, [act[p] for p in unit])
         if alpha == 0.0:
+            report["objective"] = sum(m.score for m in matches.values()) / len(matches)
             return matches
     else:
         for p, perm in spec.perms.items():
@@ -91,16 +96,17 @@ def match_models(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tens
     generator = torch.Generator().manual_seed(int(seed))
     best, best_matches, stall = -float("inf"), dict(matches), 0
     for _ in range(int(max_iter)):
+        report["sweeps"] += 1
         scores = {}
         for u in torch.randperm(len(units), generator=generator).tolist():
             unit = units[u]
             sims = []
             for p in unit:
-                w = weight_similarity(spec, p, matches, states, similarity)
+                w = weight_similarity(spec, p, matches, states, similarity, first_rows=solver == "align")
                 if alpha == 1.0:
                     c = w
-                else:
-                    c = alpha * w + (1 - alpha) * (act[p] if variant == "eq8" else combined[p])
+                else:  # (an alignment reads model 0's rows only: w holds just those)
+                    c = alpha * w + (1 - alpha) * (act[p] if variant == "eq8" else combined[p])[:len(w)]
                     combined[p] = c
                 sims.append(c)
             scores[u] = solve(unit, sims)
@@ -111,4 +117,5 @@ def match_models(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tens
             stall += 1
             if stall >= patience:
                 break
+    report["objective"] = best
     return best_matches

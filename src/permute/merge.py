@@ -62,12 +62,17 @@ def aligned_states(spec: PermutationSpec, matches: Mapping[str, Match],
 
 
 def weight_similarity(spec: PermutationSpec, perm: str, matches: Mapping[str, Match],
-                      states: Sequence[Mapping[str, torch.Tensor]], kind: str = "correlation") -> torch.Tensor:
-    """The ``M*d x M*d`` weight-space similarity of ``perm``'s units (module docstring)."""
+                      states: Sequence[Mapping[str, torch.Tensor]], kind: str = "correlation",
+                      first_rows: bool = False) -> torch.Tensor:
+    """The ``M*d x M*d`` weight-space similarity of ``perm``'s units (module docstring).
+    ``first_rows``: only model 0's ``d`` rows (``d x M*d``: all an alignment onto model 0 reads),
+    half the products for two models."""
     models = len(states)
     d = spec.perms[perm].size
-    gram = torch.zeros(models * d, models * d, dtype=torch.float64)
+    rows = d if first_rows else models * d
+    gram = torch.zeros(rows, models * d, dtype=torch.float64)
     sums = torch.zeros(models * d, dtype=torch.float64)
+    squares = torch.zeros(models * d, dtype=torch.float64)
     length = 0
     for name, axis, _role in spec.tensors_of(perm):
         axes = spec.axes[name]
@@ -79,16 +84,18 @@ def weight_similarity(spec: PermutationSpec, perm: str, matches: Mapping[str, Ma
                     t = matches[other[0]].apply(t, a, i, "members" if other[1] == "out" else "spread")
             feats.append(t.movedim(axis, 0).reshape(d, -1).float())
         F = torch.cat(feats, 0)
-        gram += (F @ F.T).double()  # float32 products, float64 totals over tensors
+        gram += (F[:rows] @ F.T).double()  # float32 products, float64 totals over tensors
         sums += F.sum(1).double()
+        squares += F.square().sum(1).double()
         length += F.shape[1]
-    if kind == "inner":
-        return gram.float()
-    if kind != "correlation":
+    if kind not in ("correlation", "inner"):
         raise ValueError(f"weight similarity must be 'correlation' or 'inner', got {kind!r}")
-    mean = sums / max(length, 1)
-    cov = gram / max(length, 1) - torch.outer(mean, mean)
-    return correlation(cov).float()
+    if kind == "correlation":
+        n = max(length, 1)
+        mean = sums / n
+        std = (squares / n - mean.square()).clamp_min(0).sqrt()
+        gram = (gram / n - torch.outer(mean[:rows], mean)) / torch.outer(std[:rows], std).clamp_min(1e-7)
+    return gram.float()
 
 
 def correlation(cov: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -131,6 +131,7 @@ class PermutationRun:
         self.output = Path(config.output)
         self._act = None
         self._warned: set = set()
+        self.last_search: dict[str, Any] = {}  # sweeps and objective of the latest matching
 
     # ----- data -------------------------------------------------------------------------
     def _loaders(self, n: int, offset: int = 0):
@@ -185,7 +186,7 @@ class PermutationRun:
         return match_models(self.spec, self.states, act, solver=solver, alpha=a, variant=c.variant,
                             similarity=opts.get("similarity", "correlation"), max_iter=c.max_iter,
                             patience=opts.get("patience", c.patience), seed=c.seed, zip_alpha=c.zip_alpha,
-                            zip_beta=c.zip_beta)
+                            zip_beta=c.zip_beta, report=self.last_search)
 
     def merged_network(self, matches: dict[str, Match]) -> dict[str, torch.Tensor]:
         """The merged state, loaded into model 0's network with BatchNorm reset (returned)."""
@@ -233,9 +234,9 @@ class PermutationRun:
                     state = self.merged_network(matches)
                     search[a] = self.score(state)
                     if best is None or search[a] > search[best[0]]:
-                        best = (a, matches, state)
+                        best = (a, matches, state, dict(self.last_search))
                     self._restore()
-                alpha, matches, state = best
+                alpha, matches, state, self.last_search = best
                 return {"state": state, "matches": matches, "alpha": alpha, "search": search}
             alpha = self.config.alpha if METHODS[method].get("alpha") == "search" else METHODS[method].get("alpha")
             matches = self.match(method, alpha)
@@ -279,7 +280,8 @@ class PermutationRun:
             "tasks": tasks, "contents": "weights", "complete_model": True, "partial": False, "save_as": "safetensors",
             "permutation": {"settings": settings, "reference": str(self.task_dirs[0]),
                             "alpha_search": {str(k): v for k, v in scores.items()} or None,
-                            "objective": _objective(record["matches"]), "bn_reset": self.config.reset_bn},
+                            "objective": _objective(record["matches"]), "sweeps": self.last_search.get("sweeps", 0),
+                            "bn_reset": self.config.reset_bn},
         }
         aligned = None
         if METHODS[method]["solver"] == "align":
