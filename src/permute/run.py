@@ -198,7 +198,7 @@ class PermutationRun:
         if self.config.reset_bn:
             shared = [self._with_network(i) for i in range(len(self.modules))]
             reset_batchnorm(shared, self._loaders(self.config.reset_examples), self.config.accelerator)
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
     def _with_network(self, i: int):
         """Task ``i``'s module running model 0's network (the merged one)."""
