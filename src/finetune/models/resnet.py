@@ -1,7 +1,8 @@
 """ResNet-20 for CIFAR trained from scratch with a frozen CLIP text-embedding head (docs/protocols.md E, MuDSC / ZipIt).
 
 Network (:class:`ResNet20`): 3x3 conv to ``16*width`` channels, three stages of three basic blocks
-(``16w``, ``32w``, ``64w`` channels, stride 1 / 2 / 2; 1x1-conv + norm shortcut where the shape
+(``16w``, ``32w``, ``64w`` channels, stride 1 / 2 / 2; 3x3-conv (padding 1, as ZipIt's and MuDSC's
+``resnets.py``) + norm shortcut where the shape
 changes), global average pooling -> a ``64*width`` feature, and a final linear ``proj`` into the
 text-embedding width ``out_dim`` (ZipIt's models end the same way: their last linear maps to the
 CLIP width and is merged with the rest). ``norm="batch"`` (BatchNorm) or ``"group"`` (GroupNorm,
@@ -55,7 +56,7 @@ class BasicBlock(nn.Module):
         self.bn2 = make_norm(norm, planes, groups)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
                                           make_norm(norm, planes, groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
