@@ -117,17 +117,7 @@ def test_zipping_two_identical_models_returns_the_model():
 
 def _self_similarity(spec, state, x):
     """Activation correlations of a model with itself, computed directly (no hooks)."""
-    model = MLP()
-    model.load_state_dict(state)
-    h, feats = x, {}
-    for k in range(1, 4):
-        h = torch.relu(getattr(model, f"fc{k}")(h))
-        feats[f"h{k}"] = h.detach()
-    out = {}
-    for p, f in feats.items():
-        F = torch.cat([f, f], 1).double()
-        out[p] = {"count": torch.tensor(float(len(F))), "sum": F.sum(0), "gram": F.T @ F}
-    return activation_similarity(out)
+    return _pair_similarity(spec, state, state, x)
 
 
 def test_mudsc_alpha_limits_equal_weight_and_activation_matching():
@@ -149,6 +139,7 @@ def test_mudsc_alpha_limits_equal_weight_and_activation_matching():
 
 
 def _pair_similarity(spec, s0, s1, x):
+    """Activation correlations of two MLPs' hidden units on ``x``, computed directly (no hooks)."""
     feats = []
     for state in (s0, s1):
         model = MLP()
