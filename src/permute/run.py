@@ -99,7 +99,7 @@ class PermuteConfig:
     patience: int = 5
     seed: int = 0
     reset_bn: bool = True
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     batch_size: Optional[int] = None
     data: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
