@@ -11,23 +11,7 @@ from torch.utils.data import DataLoader
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_CLIP = {
-    "projection_dim": 16,
-    "text_config": {
-        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": 32,
-        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
-    },
-    "vision_config": {
-        "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_channels": 3,
-    },
-}
-
-TINY_BERT = {  # uses the real MiniLM tokenizer (vocab 30522)
-    "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "max_position_embeddings": 128,
-}
+from src.pipeline.smoke import TINY_BERT, TINY_CLIP  # noqa: E402  (one definition: smoke mode and tests)
 
 TOY_LABELS = ["cat", "dog", "car"]
 TOY_TEMPLATES = ["a photo of a {}.", "a blurry picture of a {}."]
