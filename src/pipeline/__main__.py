@@ -79,7 +79,7 @@ class Pipeline:
         return train_all(argv)
 
     def _smoke_finetune_overrides(self) -> list[str]:
-        from .smoke import TINY_DATA, TINY_MODELS, TRAINER, WRITERS, tiny_overrides
+        from .smoke import SMOKE_LR, TINY_DATA, TINY_MODELS, TRAINER, WRITERS, tiny_overrides
         from ..finetune.train_all import read_tasks_file
 
         cfg = yaml.safe_load(self.finetune_config.read_text())
@@ -90,6 +90,7 @@ class Pipeline:
         for name in self.trained:
             WRITERS[data_cp](data_root, _task_data_args(cfg, table.get(name, {}), name))
         model = tiny_overrides(TINY_MODELS, model_cp, "model", cfg["model"].get("init_args") or {})
+        model["optim.lr"] = SMOKE_LR
         data = tiny_overrides(TINY_DATA, data_cp, "data", cfg["data"].get("init_args") or {}, data_root)
         return (_overrides("trainer", TRAINER) + _overrides("model.init_args", model)
                 + _overrides("data.init_args", data))
@@ -124,7 +125,7 @@ class Pipeline:
                 "--generalization", json.dumps([str(self.checkpoints / t) for t in self.exp.smoke_generalization]),
                 "--rows", str(self.root / "results" / "rows.jsonl"), "--accelerator", "cpu", "--devices", "1",
                 "--strategy", "auto", "--precision", "32-true", "--merge_device", "cpu", "--joint.label_file", "null",
-                "--progress", "false", "--methods", json.dumps(smoke_methods(cfg, self.root / "merged"))]
+                "--progress", "false", "--select_on", "absolute", "--methods", json.dumps(smoke_methods(cfg, self.root / "merged"))]
         statistics = dict(cfg.statistics or {})
         if statistics:
             argv += ["--statistics", json.dumps({**statistics, "n": 8})]
