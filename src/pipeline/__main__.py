@@ -128,7 +128,7 @@ class Pipeline:
                 "--progress", "false", "--select_on", "absolute", "--methods", json.dumps(smoke_methods(cfg, self.root / "merged"))]
         statistics = dict(cfg.statistics or {})
         if statistics:
-            argv += ["--statistics", json.dumps({**statistics, "n": 8})]
+            argv += ["--statistics", json.dumps({**statistics, "n": 4})]
         grid = smoke_grid(cfg)
         return argv + (["--grid", json.dumps(grid)] if grid else [])
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# CART: open_clip ViT-B/32 full finetunes of the 8 vision tasks (Tables 1-2, with test-time adaptation)
+# Needs: GPU, the openclip extra, the 8 datasets (or converted released checkpoints); hours.
+# Runs (python -m src.pipeline C_cart_vitb32; finished work is skipped, so a killed run resumes):
+#   1. python -m src.finetune.train_all --config configs/finetune/C_cart_vitb32_openclip_full.yaml \
+#        --tasks-file configs/finetune/tasks/A_vision.yaml --output checkpoints/C_vitb32_openclip
+#   2. python -m src.evaluate --config configs/evaluate/C_cart_vitb32.yaml   (statistics, sweeps, report)
+# Writes: checkpoints/C_vitb32_openclip/, results/C_cart_vitb32/
+# SMOKE=1: the same pipeline on tiny random models and synthetic data on a CPU (under
+# checkpoints/smoke/C_cart_vitb32, or SMOKE_ROOT); extra arguments go to python -m src.pipeline.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY="${PYTHON:-python}"
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+args=()
+[ -n "${SMOKE:-}" ] && [ "${SMOKE}" != 0 ] && args+=(--smoke)
+[ -n "${SMOKE_ROOT:-}" ] && args+=(--root "$SMOKE_ROOT")
+exec "$PY" -m src.pipeline C_cart_vitb32 "${args[@]}" "$@"
