@@ -26,84 +26,22 @@ import argparse
 import json
 import statistics as stats_mod
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.merge import MergeEngine  # noqa: E402
+# the cases, inputs and timing loop live in src/analysis/cost.py (python -m src.analysis.cost uses them too)
+from src.analysis.cost import CASES, case_flops, make_inputs, paper_ms, time_case  # noqa: E402
 
-PAPER_MS = {"average": 1.2, "task_arithmetic": 1.9, "ties": 2.1, "fisher": 0.8, "regmean": 49.9, "regmean-f32": 49.9,
-            "mats-gram": 4280.0, "mats-kfac": 4280.0}
-
-# label -> (method, params, statistics kinds)
-CASES = {
-    "average": ("average", {}, ()),
-    "task_arithmetic": ("task_arithmetic", {"lam": 0.3}, ()),
-    "ties": ("ties", {"lam": 1.0, "density": 0.2}, ()),
-    "fisher": ("fisher", {}, ("fisher",)),
-    "regmean": ("regmean", {"a": 0.9}, ("gram",)),
-    "regmean-f32": ("regmean", {"a": 0.9, "solve_dtype": "float32"}, ("gram",)),
-    "mats-gram": ("mats", {"subspace": "gram", "lam_init": 0.3}, ("gram",)),
-    "mats-kfac": ("mats", {"subspace": "kfac", "lam_init": 0.3}, ("kfac_in", "kfac_out")),
-}
 DEFAULT_CASES = ["average", "task_arithmetic", "ties", "fisher", "regmean", "regmean-f32", "mats-gram", "mats-kfac"]
 
 
 def paper_gflop(label: str, M: int, d: int, k: int, N: int) -> str:
-    """The compositional paper's FLOP count (Sec. costs), in GFLOP."""
-    dk, d2k = d * k, d * d * k
-    flops = {
-        "average": M * dk, "task_arithmetic": (2 * M + 1) * dk, "ties": (4 * M + 1) * dk,
-        "fisher": (3 * M - 1) * dk, "regmean": (M + 2) * d2k + (3 * M - 2) * dk,
-        "mats-gram": (M + N) * d2k + (2 * M + 5 * N - 2) * dk,
-        "mats-kfac": M * dk * (d + k) * (N + 1),  # K-FAC: M products G X A per iteration, and the rhs
-    }
-    label = "regmean" if label.startswith("regmean") else label
-    return f"{flops[label] / 1e9:,.1f}" if label in flops else ""
-
-
-def spd(k: int, rank: int, g: torch.Generator) -> torch.Tensor:
-    """A random SPD matrix ``M M^T / r + 0.1 I`` (a Gram-like spectrum), generated cheaply."""
-    m = torch.randn(k, rank, generator=g)
-    out = m @ m.T / rank
-    out.diagonal().add_(0.1)
-    return out
-
-
-def make_inputs(M: int, out_f: int, in_f: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(out_f, in_f, generator=g) * 0.02}
-    tasks = [{"w": base["w"] + 1e-3 * torch.randn(out_f, in_f, generator=g)} for _ in range(M)]
-    side = [{"fisher": torch.rand(out_f, in_f, generator=g) * 1e-6, "gram": spd(in_f, 256, g),
-             "kfac_in": spd(in_f, 256, g), "kfac_out": spd(out_f, 256, g)} for _ in range(M)]
-    return base, tasks, side
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_case(label: str, base, tasks, side, device: torch.device, repeats: int, budget: float, iterations: int):
-    method, params, kinds = CASES[label]
-    params = dict(params)
-    if method == "mats":
-        params["iterations"] = iterations
-    statistics = [{kind: {"w": s[kind]} for kind in kinds} for s in side] if kinds else None
-    engine = MergeEngine(method, tasks, base=base, device=device, progress=False, statistics=statistics)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = engine.run(params)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        assert torch.isfinite(result.tensors["w"]).all()
-        if sum(times) > budget:
-            break
-    return params, times
+    """The compositional paper's FLOP count (Table 3 as recorded; mats-kfac: this project's K-FAC
+    count), in GFLOP (multiply-adds), or "" where there is none."""
+    value = case_flops(label, d, k, M, N)[0]
+    return f"{value / 1e9:,.1f}" if value is not None else ""
 
 
 def main(argv=None) -> int:
@@ -129,7 +67,7 @@ def main(argv=None) -> int:
         params, times = time_case(label, base, tasks, side, device, args.repeats, args.budget, args.iterations)
         ms = 1e3 * stats_mod.median(times)
         rows.append({"method": label, "params": params, "median_ms": ms, "runs": len(times),
-                     "times_ms": [1e3 * t for t in times], "paper_ms": PAPER_MS.get(label),
+                     "times_ms": [1e3 * t for t in times], "paper_ms": paper_ms(label),
                      "paper_gflop": paper_gflop(label, M, d, k, args.iterations)})
         print(f"  {label}: {ms:,.1f} ms (median of {len(times)})", file=sys.stderr, flush=True)
 
