@@ -6,7 +6,10 @@ Runs one experiment of ``src/pipeline/experiments.py`` end to end through the st
 2. ``python -m src.permute`` — experiment E's permutation merges (a finished method is skipped);
 3. ``python -m src.evaluate`` — references, selection sweeps (data statistics computed on first
    need and cached in the task directories), learned coefficients, Ensemble, joint benchmarks,
-   then ``report.md`` and the plots next to the rows (finished rows are skipped).
+   then ``report.md`` and the plots next to the rows (finished rows are skipped);
+4. the experiment's analyses (``src/analysis``): CKA alignment of task updates (KnOTS), the cost
+   table (FLOPs beside measured merge times, prerequisites; compositional paper), written next to
+   the rows.
 
 A killed run resumes where it stopped: run the same command again. ``--smoke`` runs the identical
 pipeline on tiny random models and synthetic data on a CPU (``smoke.py``), under
@@ -25,7 +28,7 @@ import yaml
 from .experiments import EXPERIMENTS, Experiment
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("finetune", "permute", "evaluate")
+STAGES = ("finetune", "permute", "evaluate", "analyze")
 
 
 def _flag(value: Any) -> str:
@@ -131,6 +134,49 @@ class Pipeline:
             argv += ["--statistics", json.dumps({**statistics, "n": 4})]
         grid = smoke_grid(cfg)
         return argv + (["--grid", json.dumps(grid)] if grid else [])
+
+    # ----- analyses ---------------------------------------------------------------------
+    def results_dir(self) -> Path:
+        if self.smoke:
+            return self.root / "results"
+        from ..evaluate.__main__ import build_parser
+
+        rows = build_parser().parse_args(["--config", str(self.evaluate_config)]).rows
+        return Path(str(rows).format(experiment=Path(self.exp.evaluate).stem)).parent
+
+    def analyze(self) -> int:
+        for name in self.exp.analyses:
+            code = getattr(self, f"analysis_{name}")(self.results_dir() / name)
+            if code:
+                return code
+        return 0
+
+    def analysis_cka(self, out: Path) -> int:
+        """KnOTS Fig. 2: CKA of the LoRA updates' outputs and of the KnOTS-aligned ones."""
+        from ..analysis.cka import main as cka_main
+
+        tasks = [str(self.checkpoints / t) for t in self.held_in] if self.smoke else \
+            self._evaluation_tasks()
+        argv = ["--tasks", json.dumps(tasks), "--kind", json.dumps(["lora", "knots"]), "--output", str(out),
+                "--n", "4" if self.smoke else "64", "--overwrite", "true", "--progress", "false"]
+        if self.smoke:
+            argv += ["--accelerator", "cpu"]
+        return cka_main(argv)
+
+    def _evaluation_tasks(self) -> list[str]:
+        from ..evaluate.__main__ import build_parser
+
+        return list(build_parser().parse_args(["--config", str(self.evaluate_config)]).tasks)
+
+    def analysis_cost(self, out: Path) -> int:
+        """The compositional paper's cost table: FLOPs and measured per-layer merge times, prerequisites."""
+        from ..analysis.cost import main as cost_main
+
+        argv = ["--output", str(out)]
+        if self.smoke:  # a tiny layer, the element-wise methods only
+            argv += ["--shapes", "64x32", "--models", "2", "--methods", "average", "task_arithmetic", "ties",
+                     "--repeats", "1"]
+        return cost_main(argv)
 
     def run(self, stages=STAGES) -> int:
         for stage in stages:

@@ -9,7 +9,7 @@ plots next to its rows). ``smoke_tasks`` / ``smoke_generalization``: the tasks a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -27,7 +27,7 @@ class Experiment:
     smoke_tasks: tuple[str, ...] = ()
     smoke_generalization: tuple[str, ...] = ()
     writes: str = ""
-    extra: dict = field(default_factory=dict)
+    analyses: tuple[str, ...] = ()  # names in src/pipeline/__main__.py ANALYSES, run after the evaluation
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -35,17 +35,18 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "A_knots_vitb32", "KnOTS: CLIP ViT-B/32 LoRA (r16) on the 8 vision tasks; per-task and joint 748-label Hits@k",
         "one GPU (~8 GB), hub weights openai/clip-vit-base-patch32, the 8 datasets (hub or data_root); hours",
         "A_knots_vitb32_lora.yaml", "A_vision.yaml", "checkpoints/A_vitb32_lora", "A_knots_vitb32_lora.yaml",
-        smoke_tasks=("mnist", "eurosat"), writes="results/A_knots_vitb32_lora/{rows.jsonl,report.md,sensitivity.png}"),
+        smoke_tasks=("mnist", "eurosat"), analyses=("cka",),
+        writes="results/A_knots_vitb32_lora/{rows.jsonl,report.md,sensitivity.png}, results/A_knots_vitb32_lora/cka/"),
     Experiment(
         "A_knots_vitl14", "KnOTS: CLIP ViT-L/14 LoRA (r16) on the 8 vision tasks",
         "one GPU (~24 GB), hub weights openai/clip-vit-large-patch14, the 8 datasets; hours",
         "A_knots_vitl14_lora.yaml", "A_vision.yaml", "checkpoints/A_vitl14_lora", "A_knots_vitl14_lora.yaml",
-        smoke_tasks=("mnist", "eurosat"), writes="results/A_knots_vitl14_lora/"),
+        smoke_tasks=("mnist", "eurosat"), analyses=("cka",), writes="results/A_knots_vitl14_lora/"),
     Experiment(
         "B_knots_nli", "KnOTS: Llama-3-8B LoRA on 6 NLI tasks, per-task heads",
         "one 24-80 GB GPU (bf16, or 4-bit), gated Llama-3 weights, the NLI datasets; hours",
         "B_knots_llama3_8b_nli.yaml", "B_nli.yaml", "checkpoints/B_llama3_8b", "B_knots_llama3_nli.yaml",
-        smoke_tasks=("rte", "snli"), writes="results/B_knots_llama3_nli/"),
+        smoke_tasks=("rte", "snli"), analyses=("cka",), writes="results/B_knots_llama3_nli/"),
     Experiment(
         "C_cart_vitb32", "CART: open_clip ViT-B/32 full finetunes of the 8 vision tasks (Tables 1-2, with test-time adaptation)",
         "GPU, the openclip extra, the 8 datasets (or converted released checkpoints); hours",
@@ -60,8 +61,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "D_domainnet", "Compositional generalization: 24 DomainNet (category, domain) CLIP ViT-B/32 models; held-in and generalization",
         "GPU, DomainNet images + lists in data_root, CLIP weights; a day for 24 models",
         "D_domainnet_vitb32_full.yaml", "D_domainnet.yaml", "checkpoints/D_domainnet", "D_domainnet.yaml",
-        smoke_tasks=("bird-real", "tool-clipart"), smoke_generalization=("furniture-clipart",),
-        writes="results/D_domainnet/"),
+        smoke_tasks=("bird-real", "tool-clipart"), smoke_generalization=("furniture-clipart",), analyses=("cost",),
+        writes="results/D_domainnet/, results/D_domainnet/cost/"),
     Experiment(
         "D_crosslingual", "Compositional generalization: mT5-xl-lm-adapt on 5 (task, language) pairs",
         "GPU with >= 40 GB (bf16), the cross-lingual datasets; a day",

@@ -44,6 +44,10 @@ def test_experiment_script_smoke(script, tmp_path):
         assert {"Average", "Git Re-Basin", "ZipIt", "MuDSC-Zip"} <= labels
     if exp.smoke_generalization:
         assert "## Held-in vs generalization" in report
+    for analysis in exp.analyses:  # each analysis writes its table (and figure) from the smoke run
+        assert (root / "results" / analysis / f"{analysis}.md").is_file(), analysis
+    if "cka" in exp.analyses:
+        assert (root / "results" / "cka" / "cka.png").is_file()
     if "joint" in {r["task"] for r in rows}:
         assert "## Joint benchmark" in report
     if script.stem == "E_mudsc_cifar100":  # a second run resumes: nothing is retrained, merged or re-scored
