@@ -178,6 +178,20 @@ class Pipeline:
                      "--repeats", "1"]
         return cost_main(argv)
 
+    def analysis_scaling(self, out: Path) -> int:
+        """Scaling with the number of merged models under the experiment's paper protocol (KnOTS:
+        random combinations; CART: all subsets; compositional: nested samples), mean and 95% CI."""
+        from ..analysis.scaling import main as scaling_main
+
+        protocol = self.exp.scaling_protocol
+        argv = ["--config", str(self.evaluate_config), "--protocol", protocol, "--out", str(out)]
+        if self.smoke:
+            argv += [a for a in self._smoke_evaluate_overrides()]
+            argv += ["--sizes", "[2]", "--draws", "1"]
+        elif protocol == "compositional":
+            argv += ["--setting", self.exp.scaling_setting]
+        return scaling_main(argv)
+
     def run(self, stages=STAGES) -> int:
         for stage in stages:
             print(f"== {self.exp.name}: {stage}{' (smoke)' if self.smoke else ''}", file=sys.stderr)

@@ -27,7 +27,9 @@ class Experiment:
     smoke_tasks: tuple[str, ...] = ()
     smoke_generalization: tuple[str, ...] = ()
     writes: str = ""
-    analyses: tuple[str, ...] = ()  # names in src/pipeline/__main__.py ANALYSES, run after the evaluation
+    analyses: tuple[str, ...] = ()  # Pipeline.analysis_<name> in src/pipeline/__main__.py, run after the evaluation
+    scaling_protocol: str = "knots"  # knots | cart | compositional (the scaling analysis' sampler)
+    scaling_setting: str = "vision"  # compositional: 20 draws (vision) or 5 (language)
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -35,8 +37,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "A_knots_vitb32", "KnOTS: CLIP ViT-B/32 LoRA (r16) on the 8 vision tasks; per-task and joint 748-label Hits@k",
         "one GPU (~8 GB), hub weights openai/clip-vit-base-patch32, the 8 datasets (hub or data_root); hours",
         "A_knots_vitb32_lora.yaml", "A_vision.yaml", "checkpoints/A_vitb32_lora", "A_knots_vitb32_lora.yaml",
-        smoke_tasks=("mnist", "eurosat"), analyses=("cka",),
-        writes="results/A_knots_vitb32_lora/{rows.jsonl,report.md,sensitivity.png}, results/A_knots_vitb32_lora/cka/"),
+        smoke_tasks=("mnist", "eurosat"), analyses=("cka", "scaling"),
+        writes="results/A_knots_vitb32_lora/{rows.jsonl,report.md,sensitivity.png}, .../cka/, .../scaling/"),
     Experiment(
         "A_knots_vitl14", "KnOTS: CLIP ViT-L/14 LoRA (r16) on the 8 vision tasks",
         "one GPU (~24 GB), hub weights openai/clip-vit-large-patch14, the 8 datasets; hours",
@@ -51,7 +53,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "C_cart_vitb32", "CART: open_clip ViT-B/32 full finetunes of the 8 vision tasks (Tables 1-2, with test-time adaptation)",
         "GPU, the openclip extra, the 8 datasets (or converted released checkpoints); hours",
         "C_cart_vitb32_openclip_full.yaml", "A_vision.yaml", "checkpoints/C_vitb32_openclip", "C_cart_vitb32.yaml",
-        smoke_tasks=("mnist", "eurosat"), writes="results/C_cart_vitb32/"),
+        smoke_tasks=("mnist", "eurosat"), analyses=("scaling",), scaling_protocol="cart",
+        writes="results/C_cart_vitb32/ (+ scaling/)"),
     Experiment(
         "C_cart_vitl14", "CART: open_clip ViT-L/14 full finetunes of the 8 vision tasks",
         "GPU (~40 GB for training), the openclip extra, the 8 datasets; hours",
@@ -61,13 +64,15 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "D_domainnet", "Compositional generalization: 24 DomainNet (category, domain) CLIP ViT-B/32 models; held-in and generalization",
         "GPU, DomainNet images + lists in data_root, CLIP weights; a day for 24 models",
         "D_domainnet_vitb32_full.yaml", "D_domainnet.yaml", "checkpoints/D_domainnet", "D_domainnet.yaml",
-        smoke_tasks=("bird-real", "tool-clipart"), smoke_generalization=("furniture-clipart",), analyses=("cost",),
-        writes="results/D_domainnet/, results/D_domainnet/cost/"),
+        smoke_tasks=("bird-real", "tool-clipart"), smoke_generalization=("furniture-clipart",),
+        analyses=("cost", "scaling"), scaling_protocol="compositional",
+        writes="results/D_domainnet/ (+ cost/, scaling/)"),
     Experiment(
         "D_crosslingual", "Compositional generalization: mT5-xl-lm-adapt on 5 (task, language) pairs",
         "GPU with >= 40 GB (bf16), the cross-lingual datasets; a day",
         "D_crosslingual_mt5xl.yaml", "D_crosslingual.yaml", "checkpoints/D_mt5xl", "D_crosslingual.yaml",
-        smoke_tasks=("xnli-ar", "squad-en"), writes="results/D_crosslingual/"),
+        smoke_tasks=("xnli-ar", "squad-en"), analyses=("scaling",), scaling_protocol="compositional",
+        scaling_setting="language", writes="results/D_crosslingual/ (+ scaling/)"),
     Experiment(
         "E_mudsc_cifar100", "MuDSC: ResNet-20x8 pair 0 from different inits on CIFAR-100 50+50; seven permutation merges; Table 1",
         "one small GPU, CIFAR-100 (hub or data_root), CLIP text tower weights; about an hour per pair",
