@@ -192,6 +192,15 @@ class Pipeline:
             argv += ["--setting", self.exp.scaling_setting]
         return scaling_main(argv)
 
+    def analysis_rank_sweeps(self, out: Path) -> int:
+        """CART Fig. 1, 2, 5: accuracy vs retained rank, centered vs plain task vectors, top vs bottom directions."""
+        from ..analysis.rank_sweeps import main as rank_sweeps_main
+
+        argv = ["--config", str(self.evaluate_config), "--sweeps", '["cart"]', "--out", str(out)]
+        if self.smoke:
+            argv += self._smoke_evaluate_overrides() + ["--rank_ratios", "[0.25, 1.0]", "--lam", "1.0"]
+        return rank_sweeps_main(argv)
+
     def run(self, stages=STAGES) -> int:
         for stage in stages:
             print(f"== {self.exp.name}: {stage}{' (smoke)' if self.smoke else ''}", file=sys.stderr)

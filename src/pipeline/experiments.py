@@ -53,8 +53,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "C_cart_vitb32", "CART: open_clip ViT-B/32 full finetunes of the 8 vision tasks (Tables 1-2, with test-time adaptation)",
         "GPU, the openclip extra, the 8 datasets (or converted released checkpoints); hours",
         "C_cart_vitb32_openclip_full.yaml", "A_vision.yaml", "checkpoints/C_vitb32_openclip", "C_cart_vitb32.yaml",
-        smoke_tasks=("mnist", "eurosat"), analyses=("scaling",), scaling_protocol="cart",
-        writes="results/C_cart_vitb32/ (+ scaling/)"),
+        smoke_tasks=("mnist", "eurosat"), analyses=("scaling", "rank_sweeps"), scaling_protocol="cart",
+        writes="results/C_cart_vitb32/ (+ scaling/, rank_sweeps/)"),
     Experiment(
         "C_cart_vitl14", "CART: open_clip ViT-L/14 full finetunes of the 8 vision tasks",
         "GPU (~40 GB for training), the openclip extra, the 8 datasets; hours",
