@@ -3,7 +3,9 @@
 Runs one experiment of ``src/pipeline/experiments.py`` end to end through the stages' commands:
 
 1. ``python -m src.finetune.train_all`` — every task model (a complete task checkpoint is skipped);
-2. ``python -m src.permute`` — experiment E's permutation merges (a finished method is skipped);
+2. ``python -m src.finetune.multitask`` — the multitask baseline of C and D (one network on the mixture
+   of the held-in tasks; the evaluation config scores it as ``method: merged``);
+   ``python -m src.permute`` — experiment E's permutation merges (a finished method is skipped);
 3. ``python -m src.evaluate`` — references, selection sweeps (data statistics computed on first
    need and cached in the task directories), learned coefficients, Ensemble, joint benchmarks,
    then ``report.md`` and the plots next to the rows (finished rows are skipped);
@@ -28,7 +30,7 @@ import yaml
 from .experiments import EXPERIMENTS, Experiment
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("finetune", "permute", "evaluate", "analyze")
+STAGES = ("finetune", "multitask", "permute", "evaluate", "analyze")
 
 
 def _flag(value: Any) -> str:
@@ -98,6 +100,26 @@ class Pipeline:
         return (_overrides("trainer", TRAINER) + _overrides("model.init_args", model)
                 + _overrides("data.init_args", data))
 
+    def multitask_output(self) -> Path:
+        return self.root / "merged" / Path(self.exp.multitask).name if self.smoke else Path(self.exp.multitask)
+
+    def multitask(self) -> int:
+        if not self.exp.multitask:
+            return 0
+        out = self.multitask_output()
+        if (out / "merge.json").is_file():
+            print(f"multitask: {out} exists (delete it to retrain)", file=sys.stderr)
+            return 0
+        from ..finetune.multitask import main as multitask_main
+
+        argv = ["--config", str(self.finetune_config), "--tasks-file", str(self.tasks_file), "--output", str(out),
+                "--task-checkpoints", str(self.checkpoints)]
+        if self.held_in:
+            argv += ["--tasks", *self.held_in]
+        if self.smoke:
+            argv += ["--", *self._smoke_finetune_overrides()]
+        return multitask_main(argv)
+
     def permute(self) -> int:
         if self.permute_config is None:
             return 0
@@ -163,6 +185,15 @@ class Pipeline:
             argv += ["--accelerator", "cpu"]
         return cka_main(argv)
 
+    def _merge_methods(self) -> list[dict]:
+        """The evaluation config's merge methods, without ``merged`` directories (smoke: shortened)."""
+        from ..evaluate.__main__ import build_parser
+        from .smoke import smoke_methods
+
+        cfg = build_parser().parse_args(["--config", str(self.evaluate_config)])
+        methods = smoke_methods(cfg, self.root / "merged") if self.smoke else smoke_methods(cfg, Path("."), shorten=False)
+        return [m for m in methods if m["method"] != "merged"]
+
     def _evaluation_tasks(self) -> list[str]:
         from ..evaluate.__main__ import build_parser
 
@@ -186,10 +217,10 @@ class Pipeline:
         protocol = self.exp.scaling_protocol
         argv = ["--config", str(self.evaluate_config), "--protocol", protocol, "--out", str(out)]
         if self.smoke:
-            argv += [a for a in self._smoke_evaluate_overrides()]
-            argv += ["--sizes", "[2]", "--draws", "1"]
+            argv += self._smoke_evaluate_overrides() + ["--sizes", "[2]", "--draws", "1"]
         elif protocol == "compositional":
             argv += ["--setting", self.exp.scaling_setting]
+        argv += ["--methods", json.dumps(self._merge_methods())]  # a merged directory holds one fixed task set
         return scaling_main(argv)
 
     def analysis_rank_sweeps(self, out: Path) -> int:

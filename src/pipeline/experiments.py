@@ -23,6 +23,7 @@ class Experiment:
     checkpoints: str              # where train_all writes the task checkpoints (the evaluation config reads them)
     evaluate: str                 # configs/evaluate/<...>.yaml
     permute: Optional[str] = None  # configs/permute/<...>.yaml (models from different initializations)
+    multitask: Optional[str] = None  # the multitask baseline's output (the evaluation config scores it: method merged)
     tasks: Optional[tuple[str, ...]] = None  # train only these tasks of the tasks file (None: all)
     smoke_tasks: tuple[str, ...] = ()
     smoke_generalization: tuple[str, ...] = ()
@@ -53,17 +54,20 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "C_cart_vitb32", "CART: open_clip ViT-B/32 full finetunes of the 8 vision tasks (Tables 1-2, with test-time adaptation)",
         "GPU, the openclip extra, the 8 datasets (or converted released checkpoints); hours",
         "C_cart_vitb32_openclip_full.yaml", "A_vision.yaml", "checkpoints/C_vitb32_openclip", "C_cart_vitb32.yaml",
+        multitask="checkpoints/C_vitb32_openclip-multitask",
         smoke_tasks=("mnist", "eurosat"), analyses=("scaling", "rank_sweeps"), scaling_protocol="cart",
         writes="results/C_cart_vitb32/ (+ scaling/, rank_sweeps/)"),
     Experiment(
         "C_cart_vitl14", "CART: open_clip ViT-L/14 full finetunes of the 8 vision tasks",
         "GPU (~40 GB for training), the openclip extra, the 8 datasets; hours",
         "C_cart_vitl14_openclip_full.yaml", "A_vision.yaml", "checkpoints/C_vitl14_openclip", "C_cart_vitl14.yaml",
+        multitask="checkpoints/C_vitl14_openclip-multitask",
         smoke_tasks=("mnist", "eurosat"), writes="results/C_cart_vitl14/"),
     Experiment(
         "D_domainnet", "Compositional generalization: 24 DomainNet (category, domain) CLIP ViT-B/32 models; held-in and generalization",
         "GPU, DomainNet images + lists in data_root, CLIP weights; a day for 24 models",
         "D_domainnet_vitb32_full.yaml", "D_domainnet.yaml", "checkpoints/D_domainnet", "D_domainnet.yaml",
+        multitask="checkpoints/D_domainnet-multitask",
         smoke_tasks=("bird-real", "tool-clipart"), smoke_generalization=("furniture-clipart",),
         analyses=("cost", "scaling"), scaling_protocol="compositional",
         writes="results/D_domainnet/ (+ cost/, scaling/)"),
@@ -71,6 +75,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         "D_crosslingual", "Compositional generalization: mT5-xl-lm-adapt on 5 (task, language) pairs",
         "GPU with >= 40 GB (bf16), the cross-lingual datasets; a day",
         "D_crosslingual_mt5xl.yaml", "D_crosslingual.yaml", "checkpoints/D_mt5xl", "D_crosslingual.yaml",
+        multitask="checkpoints/D_mt5xl-multitask",
         smoke_tasks=("xnli-ar", "squad-en"), analyses=("scaling",), scaling_protocol="compositional",
         scaling_setting="language", writes="results/D_crosslingual/ (+ scaling/)"),
     Experiment(

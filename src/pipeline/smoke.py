@@ -262,9 +262,9 @@ def smoke_grid(cfg) -> dict[str, list]:
     return grid
 
 
-def smoke_methods(cfg, merged_root: Path) -> list[dict]:
-    """The config's methods with learned-coefficient runs cut to 2 steps and ``merged`` entries
-    pointed at the smoke run's permutation merges (same directory names)."""
+def smoke_methods(cfg, merged_root: Path, shorten: bool = True) -> list[dict]:
+    """The config's methods as dicts; ``shorten``: learned-coefficient runs cut to 2 steps and
+    ``merged`` entries pointed at the smoke run's directories under ``merged_root`` (same names)."""
     import dataclasses
 
     from ..evaluate.run import LEARNED
@@ -273,9 +273,9 @@ def smoke_methods(cfg, merged_root: Path) -> list[dict]:
     for spec in cfg.methods:
         fields = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(vars(spec))
         entry = {k: v for k, v in fields.items() if v is not None}
-        if spec.method in LEARNED:
+        if shorten and spec.method in LEARNED:
             entry["fixed"] = {**(spec.fixed or {}), "steps": 2, "batch_size": 4}
-        if spec.method == "merged":
+        if shorten and spec.method == "merged":
             entry["path"] = str(merged_root / Path(spec.path).name)
         out.append(entry)
     return out

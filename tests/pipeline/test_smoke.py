@@ -42,6 +42,8 @@ def test_experiment_script_smoke(script, tmp_path):
     if exp.permute:
         assert "MuDSC Table 1 layout" in report
         assert {"Average", "Git Re-Basin", "ZipIt", "MuDSC-Zip"} <= labels
+    if exp.multitask:  # the multitask baseline, trained on the mixture and scored as a merged model
+        assert {"Multitask", "Traditional MTL"} & labels
     if exp.smoke_generalization:
         assert "## Held-in vs generalization" in report
     for analysis in exp.analyses:  # each analysis writes its table (and figure) from the smoke run
