@@ -19,6 +19,32 @@ unless ``overwrite`` is set. Replacing an earlier task checkpoint is announced.
 
 Its state (zero-shot metrics, best score and weights) is saved in Lightning checkpoints, so a
 resumed fit (``--ckpt_path``) exports the same thing an uninterrupted one would.
+
+**Sharded strategies** (``rebuild``; default: on for FSDP and DeepSpeed). With DDP every rank holds
+the whole module, so the steps above read it in place. Under FSDP the LightningModule's parameters
+are shards (flattened views, many empty), and under DeepSpeed they are half-precision copies
+(ZeRO-3: also partitioned) while the float32 master weights live in the optimizer; reading them in
+place would export a shard or a bf16 rounding. There the trained weights are consolidated first
+(:func:`consolidated_trained_state`; the trainable parameters and the buffers of the modules that
+own them, the keys of the best-weights snapshot):
+
+* FSDP: ``FullyShardedDataParallel.summon_full_params(writeback=False, rank0_only=True,
+  offload_to_cpu=True)`` on every rank (a collective), copied to the CPU on global rank 0; needs
+  ``use_orig_params=True`` (Lightning's default); wrapper names (``_fsdp_wrapped_module.``) removed;
+* DeepSpeed (any ZeRO stage): ``trainer.save_checkpoint`` (every rank writes its partition; a
+  filesystem all nodes share) into ``<default_root_dir>/export-deepspeed/<best|last>``, then on
+  rank 0 DeepSpeed's ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (what Lightning's
+  ``convert_zero_checkpoint_to_fp32_state_dict`` calls): the float32 master weights.
+
+Global rank 0 then rebuilds the module unsharded on the CPU from its own constructor arguments
+(``type(module)(**module.init_args())`` + ``build_model``, as ``load_task_model`` does: the
+pretrained base and the same head), loads the consolidated weights into it, evaluates it in
+float32 on its device (the zero-shot numbers too, on a fresh rebuild when fit starts) and exports
+it with the same :func:`export_task_checkpoint` as DDP; the other ranks wait at a barrier (raise the
+strategy's ``timeout`` when these evaluations take longer than its default 30 minutes). Rank 0
+needs room for one float32 copy of the model on its device next to its training shard. The CPU
+tests run this path on one device (``rebuild=True``) and the consolidation functions with the
+distributed primitives replaced; FSDP's and DeepSpeed's own gathering is not exercised without GPUs.
 ``python -m src.finetune fit`` adds it as the ``export`` config group (``--export.output_dir``).
 """
 from __future__ import annotations
@@ -26,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -219,6 +246,108 @@ def export_task_checkpoint(module: TaskModule, output_dir, task: str, metrics: O
     return output_dir
 
 
+# ----- sharded strategies: consolidate, rebuild on rank 0 ------------------------------------
+#: prefixes wrappers insert into parameter names (FSDP units, activation checkpointing,
+#: torch.compile, Lightning < 2.1's DeepSpeed wrapper)
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def sharding_of(trainer) -> Optional[str]:
+    """``"fsdp"`` or ``"deepspeed"`` when the trainer's strategy keeps the module sharded / in
+    half-precision copies; ``None`` (DDP, one device) when every rank holds the whole module."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed"
+    return None
+
+
+def trained_state_keys(module: torch.nn.Module) -> list[str]:
+    """The names a snapshot of ``module`` holds: trainable parameters and the buffers of the modules
+    that own them (``TaskCheckpointExport._snapshot``)."""
+    return list(TaskCheckpointExport._snapshot(module, copy=False))
+
+
+def fsdp_trained_state(trainer, pl_module) -> Optional[dict[str, torch.Tensor]]:
+    """Collective (every rank calls it): on global rank 0 full CPU copies of ``pl_module``'s trained
+    weights, gathered by FSDP; ``None`` on the other ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if getattr(trainer.strategy, "kwargs", {}).get("use_orig_params") is False:
+        raise RuntimeError("the task-checkpoint export under FSDP needs use_orig_params=True (Lightning's "
+                           "default): the parameters keep their names and requires_grad")
+    with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+        if not trainer.is_global_zero:
+            return None
+        return {clean_name(k): v for k, v in TaskCheckpointExport._snapshot(pl_module).items()}
+
+
+def deepspeed_trained_state(checkpoint_dir, keys) -> dict[str, torch.Tensor]:
+    """The float32 master weights named ``keys`` from a Lightning DeepSpeed checkpoint directory (any
+    ZeRO stage; reads every rank's partition files: call it on one process)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), exclude_frozen_parameters=True)
+    except TypeError:  # DeepSpeed < 0.14: no exclude_frozen_parameters
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    state = {clean_name(k): v for k, v in state.items()}
+    return {k: state[k] for k in keys if k in state}
+
+
+def consolidated_trained_state(trainer, pl_module, checkpoint_dir=None, keys=None) -> Optional[dict]:
+    """The trained weights of ``pl_module`` as full CPU tensors on global rank 0 (``None`` elsewhere).
+    Collective under FSDP and DeepSpeed (every rank calls it). DeepSpeed: from ``checkpoint_dir``
+    when given (the best validation's checkpoint), else from a checkpoint saved now."""
+    kind = sharding_of(trainer)
+    if kind == "fsdp":
+        return fsdp_trained_state(trainer, pl_module)
+    if kind == "deepspeed":
+        if checkpoint_dir is None:
+            checkpoint_dir = deepspeed_checkpoint(trainer, "last")
+        if not trainer.is_global_zero:
+            return None
+        return deepspeed_trained_state(checkpoint_dir, keys if keys is not None else trained_state_keys(pl_module))
+    return TaskCheckpointExport._snapshot(pl_module) if trainer.is_global_zero else None
+
+
+def deepspeed_checkpoint(trainer, name: str) -> Path:
+    """Collective: save the trainer's state (DeepSpeed: every rank's partition, the float32 master
+    weights included) to ``<default_root_dir>/export-deepspeed/<name>``."""
+    path = Path(trainer.default_root_dir) / "export-deepspeed" / name
+    trainer.save_checkpoint(str(path))
+    return path
+
+
+def rebuild_module(pl_module: TaskModule, state: Optional[dict] = None) -> TaskModule:
+    """An unsharded CPU copy of ``pl_module`` built from its constructor arguments (the pretrained base,
+    the same head), with ``state`` (trained weights by name) loaded; every trainable parameter must be
+    in ``state``."""
+    with torch.random.fork_rng(devices=[]):  # building (LoRA's init) must not move the training's RNG
+        module = type(pl_module)(**pl_module.init_args())
+        module.label_names = None if pl_module.label_names is None else list(pl_module.label_names)
+        module.templates = list(pl_module.templates) if pl_module.templates else None
+        module.build_model(module.label_names, module.templates)
+    module.eval()
+    if state is not None:
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        missing = [n for n in trainable if n not in state]
+        if missing:
+            raise RuntimeError(f"the consolidated weights lack {len(missing)} trainable parameter(s) of "
+                               f"{type(module).__name__}, e.g. {missing[:3]}")
+        pass
+    return module
+
+
 class TaskCheckpointExport(Callback):
     """Evaluate before training, keep the best weights, write the task checkpoint after fit.
 
@@ -232,11 +361,15 @@ class TaskCheckpointExport(Callback):
         overwrite: replace an existing non-empty directory that is not an earlier task checkpoint
             (without it such an ``output_dir`` is refused before training starts).
         verbose: print where the task checkpoint went and its accuracies when fit ends.
+        rebuild: evaluate and export an unsharded copy rebuilt on global rank 0 from the
+            consolidated trained weights (see the module docstring); default ``None``: for FSDP and
+            DeepSpeed, whose modules hold shards / half-precision copies (``--export.rebuild true``
+            forces it on any strategy).
     """
 
     def __init__(self, output_dir: Optional[str] = None, select: Literal["best", "last"] = "best",
                  monitor: str = "val/acc", zero_shot: bool = True, test: bool = True,
-                 overwrite: bool = False, verbose: bool = True):
+                 overwrite: bool = False, verbose: bool = True, rebuild: Optional[bool] = None):
         super().__init__()
         if select not in ("best", "last"):
             raise ValueError(f"select must be 'best' or 'last', got {select!r}")
@@ -247,6 +380,8 @@ class TaskCheckpointExport(Callback):
         self.test = test
         self.overwrite = overwrite
         self.verbose = verbose
+        self.rebuild = rebuild
+        self.best_checkpoint: Optional[str] = None  # DeepSpeed: the best validation's checkpoint
         self.zeroshot_metrics: Optional[dict[str, float]] = None
         self.best_score: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -278,10 +413,22 @@ class TaskCheckpointExport(Callback):
         if replacing and trainer.is_global_zero:
             note(replacing)
 
+    def rebuilds(self, trainer: L.Trainer) -> bool:
+        """Whether the export goes through a rebuilt copy (``rebuild``, default: FSDP and DeepSpeed)."""
+        return self.rebuild if self.rebuild is not None else sharding_of(trainer) is not None
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
         if self.zero_shot and self.zeroshot_metrics is None:
-            self.zeroshot_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
-                                                    self._progress(trainer, "zero-shot"))
+            if self.rebuilds(trainer):  # the untrained model, unsharded, on rank 0
+                if trainer.is_global_zero:
+                    module = rebuild_module(pl_module).to(trainer.strategy.root_device)
+                    self.zeroshot_metrics = evaluate_splits(module, trainer.datamodule, self.splits, None,
+                                                            self._progress(trainer, "zero-shot"))
+                    del module
+                trainer.strategy.barrier("task_checkpoint_zeroshot")
+            else:
+                self.zeroshot_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
+                                                        self._progress(trainer, "zero-shot"))
             if trainer.is_global_zero:
                 log.info("zero-shot accuracy: %s", self.zeroshot_metrics)
 
@@ -294,16 +441,41 @@ class TaskCheckpointExport(Callback):
         value = float(value)
         self.last_score = value
         if self.select == "best" and (self.best_score is None or value > self.best_score):
+            # the monitored value is synced across ranks, so every rank takes this branch together
             self.best_score, self.best_step, self.best_epoch = value, trainer.global_step, trainer.current_epoch
-            self._best_state = self._snapshot(pl_module)
+            if not self.rebuilds(trainer):
+                self._best_state = self._snapshot(pl_module)
+            elif sharding_of(trainer) == "deepspeed":
+                self.best_checkpoint = str(deepspeed_checkpoint(trainer, "best"))
+            else:  # FSDP (gathered to rank 0) or a forced rebuild
+                self._best_state = consolidated_trained_state(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
-        if self.select == "best" and self._best_state is not None:
-            self._restore(pl_module, self._best_state)
-        self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
-                                                 self._progress(trainer, "finetuned"))
+        # rank-consistent (best_score is set on every rank; under FSDP only rank 0 holds the state)
+        best = self.select == "best" and self.best_score is not None and (
+            self._best_state is not None or self.best_checkpoint is not None or self.rebuilds(trainer))
+        module = pl_module
+        if self.rebuilds(trainer):
+            if best and sharding_of(trainer) == "deepspeed":
+                state = consolidated_trained_state(trainer, pl_module, checkpoint_dir=self.best_checkpoint)
+            elif best:
+                state = self._best_state
+            else:
+                state = consolidated_trained_state(trainer, pl_module)  # the last weights
+            if trainer.is_global_zero:
+                module = rebuild_module(pl_module, state).to(trainer.strategy.root_device)
+                self.finetuned_metrics = evaluate_splits(module, trainer.datamodule, self.splits, None,
+                                                         self._progress(trainer, "finetuned"))
+                module = module.to("cpu")
+            else:
+                self.finetuned_metrics = {}
+        else:
+            if best:
+                self._restore(pl_module, self._best_state)
+            self.finetuned_metrics = evaluate_splits(pl_module, trainer.datamodule, self.splits, trainer,
+                                                     self._progress(trainer, "finetuned"))
         finetuned = dict(self.finetuned_metrics)
-        selected_step = self.best_step if self.select == "best" and self._best_state is not None else trainer.global_step
+        selected_step = self.best_step if best else trainer.global_step
         finetuned["step"] = selected_step
         if self.best_epoch is not None and self.select == "best":
             finetuned["epoch"] = self.best_epoch
@@ -320,12 +492,14 @@ class TaskCheckpointExport(Callback):
             "trainer": trainer_hparams(trainer),
         }
         if trainer.is_global_zero:
-            export_task_checkpoint(pl_module, target, task, metrics, extra,
+            export_task_checkpoint(module, target, task, metrics, extra,
                                    inputs=run_inputs(pl_module, trainer.datamodule), overwrite=self.overwrite)
             log.info("task checkpoint written to %s (%s)", target, metrics)
             if self.verbose:
                 print(f"task checkpoint written to {target}\n  accuracy (%): {format_metrics(metrics)}", flush=True)
         trainer.strategy.barrier("task_checkpoint_export")
+        if trainer.is_global_zero and sharding_of(trainer) == "deepspeed":  # the consolidation's checkpoints
+            shutil.rmtree(Path(trainer.default_root_dir) / "export-deepspeed", ignore_errors=True)
         self.exported_to = target
 
     @staticmethod
@@ -334,15 +508,17 @@ class TaskCheckpointExport(Callback):
         return f"{what} accuracy" if trainer.progress_bar_callback is not None and trainer.is_global_zero else None
 
     @staticmethod
-    def _snapshot(pl_module: TaskModule) -> dict[str, torch.Tensor]:
+    def _snapshot(pl_module: torch.nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
         """The trainable parameters and the buffers of the modules that own them: BatchNorm
         running statistics change with the weights (best weights with the last epoch's
-        statistics would be wrong); frozen modules' buffers are left out to keep it small."""
-        state = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.requires_grad}
+        statistics would be wrong); frozen modules' buffers are left out to keep it small.
+        ``copy=False``: the tensors themselves (for their names)."""
+        take = (lambda t: t.detach().to("cpu", copy=True)) if copy else (lambda t: t)
+        state = {n: take(p) for n, p in pl_module.named_parameters() if p.requires_grad}
         for prefix, module in pl_module.named_modules():
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 for name, buf in module.named_buffers(recurse=False):
-                    state[f"{prefix}.{name}" if prefix else name] = buf.detach().to("cpu", copy=True)
+                    state[f"{prefix}.{name}" if prefix else name] = take(buf)
         return state
 
     @staticmethod
@@ -363,6 +539,7 @@ class TaskCheckpointExport(Callback):
             "best_epoch": self.best_epoch,
             "last_score": self.last_score,
             "best_state": self._best_state,
+            "best_checkpoint": self.best_checkpoint,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -372,3 +549,4 @@ class TaskCheckpointExport(Callback):
         self.best_epoch = state_dict.get("best_epoch")
         self.last_score = state_dict.get("last_score")
         self._best_state = state_dict.get("best_state")
+        self.best_checkpoint = state_dict.get("best_checkpoint")
