@@ -344,7 +344,7 @@ def rebuild_module(pl_module: TaskModule, state: Optional[dict] = None) -> TaskM
         if missing:
             raise RuntimeError(f"the consolidated weights lack {len(missing)} trainable parameter(s) of "
                                f"{type(module).__name__}, e.g. {missing[:3]}")
-        pass
+        TaskCheckpointExport._restore(module, state)
     return module
 
 
