@@ -214,6 +214,28 @@ def plan(config) -> list[list[JobSpec]]:
     return waves
 
 
+def method_order(config) -> dict[str, int]:
+    """Label -> position in which an in-process run writes the methods' rows: the config's order, a
+    reused method just before the first method that reuses it (``EvaluationRun.method`` runs it
+    there). ``collect`` appends rows in this order, so tables list the methods as in-process runs do."""
+    from .run import _as_method_spec
+
+    specs = [_as_method_spec(m) for m in config.methods]
+    order: dict[str, int] = {}
+
+    def visit(spec, seen=()) -> None:
+        for source in _reuse_sources(config, spec):
+            other = next((m for m in specs if source in (m.method, _label(m))), None)
+            if other is not None and _label(other) not in order and other not in seen:
+                visit(other, (*seen, spec))
+        order.setdefault(_label(spec), len(order))
+
+    for spec in specs:
+        if not config.only or _selects(spec, config.only):
+            visit(spec)
+    return order
+
+
 def statistics_needed(config, specs) -> dict[tuple[str, int, int], set[str]]:
     """``{(split, n, seed): kinds}`` every data-dependent method among ``specs`` may read, over every
     combination of its stages' points (a superset of what its search visits)."""
@@ -321,9 +343,9 @@ class EvaluationJob:
 
 # ----- collect ----------------------------------------------------------------------------------
 def collect(config, jobs: Optional[list[JobSpec]] = None, report: Optional[bool] = None) -> tuple[int, int, list[Path]]:
-    """Append to the run's rows file every row of the jobs' parts whose key it lacks (atomically),
-    merge their timing into ``timing.json`` and render the report. Idempotent. Returns (rows added,
-    rows in the file, files written)."""
+    """Append to the run's rows file every row of the jobs' parts whose key it lacks (atomically; in
+    the order an in-process run writes them), merge their timing into ``timing.json`` and render the
+    report. Idempotent. Returns (rows added, rows in the file, files written)."""
     from .run import EvaluationRun, write_reports
 
     jobs = [j for wave in plan(config) for j in wave] if jobs is None else jobs
@@ -337,6 +359,14 @@ def collect(config, jobs: Optional[list[JobSpec]] = None, report: Optional[bool]
             if key not in keys:
                 keys.add(key)
                 new.append(row)
+    order = method_order(config)
+
+    def position(row) -> int:  # references, the methods (in-process order), the Ensemble
+        if row.get("method") in ("finetuned", "zeroshot"):
+            return -1
+        return len(order) + 1 if row.get("method") == "ensemble" else order.get(row.get("label"), len(order))
+
+    new.sort(key=position)  # stable: each job's own order is kept
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = path.read_bytes() if path.is_file() else b""

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from src.evaluate import EvalConfig, EvaluationRun, JointSpec, MethodSpec
-from src.evaluate.dispatch import collect, dispatch, main, parts_dir_of, plan, statistics_needed
+from src.evaluate.dispatch import collect, dispatch, main, method_order, parts_dir_of, plan, statistics_needed
 from src.evaluate.rows import read_rows, row_key
 from src.evaluate.run import write_reports
 
@@ -121,6 +121,8 @@ def test_plan_groups_reuse_and_precomputes_statistics(demo_tasks, tmp_path):
     assert [[j.name for j in w] for w in waves] == [["references"], ["MaTS", "ties", "regmean", "fisher", "ensemble"]]
     # MaTS starts from TA's selected lambda: one job, in which run() selects both
     assert waves[1][0].only == ["MaTS", "task_arithmetic"]
+    # collect appends rows as an in-process run writes them: TA's search runs inside MaTS', first
+    assert method_order(config) == {"task_arithmetic": 0, "MaTS": 1, "ties": 2, "regmean": 3, "fisher": 4}
     needed = statistics_needed(config, [MethodSpec("mats"), MethodSpec("regmean"), MethodSpec("ties"),
                                         MethodSpec("fisher", statistics={"n": 64})])
     assert needed == {("train", 256, 0): {"kfac_in", "kfac_out", "gram"}, ("train", 64, 0): {"fisher"}}
