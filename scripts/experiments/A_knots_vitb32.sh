@@ -8,11 +8,4 @@
 # Writes: checkpoints/A_vitb32_lora/, results/A_knots_vitb32_lora/{rows.jsonl,report.md,sensitivity.png}
 # SMOKE=1: the same pipeline on tiny random models and synthetic data on a CPU (under
 # checkpoints/smoke/A_knots_vitb32, or SMOKE_ROOT); extra arguments go to python -m src.pipeline.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-args=()
-[ -n "${SMOKE:-}" ] && [ "${SMOKE}" != 0 ] && args+=(--smoke)
-[ -n "${SMOKE_ROOT:-}" ] && args+=(--root "$SMOKE_ROOT")
-exec "$PY" -m src.pipeline A_knots_vitb32 "${args[@]}" "$@"
+exec bash "$(dirname "$0")/../run_experiment.sh" A_knots_vitb32 "$@"

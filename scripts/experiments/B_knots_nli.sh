@@ -8,11 +8,4 @@
 # Writes: checkpoints/B_llama3_8b/, results/B_knots_llama3_nli/
 # SMOKE=1: the same pipeline on tiny random models and synthetic data on a CPU (under
 # checkpoints/smoke/B_knots_nli, or SMOKE_ROOT); extra arguments go to python -m src.pipeline.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-args=()
-[ -n "${SMOKE:-}" ] && [ "${SMOKE}" != 0 ] && args+=(--smoke)
-[ -n "${SMOKE_ROOT:-}" ] && args+=(--root "$SMOKE_ROOT")
-exec "$PY" -m src.pipeline B_knots_nli "${args[@]}" "$@"
+exec bash "$(dirname "$0")/../run_experiment.sh" B_knots_nli "$@"

@@ -8,11 +8,4 @@
 # Writes: checkpoints/D_domainnet/, results/D_domainnet/
 # SMOKE=1: the same pipeline on tiny random models and synthetic data on a CPU (under
 # checkpoints/smoke/D_domainnet, or SMOKE_ROOT); extra arguments go to python -m src.pipeline.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-args=()
-[ -n "${SMOKE:-}" ] && [ "${SMOKE}" != 0 ] && args+=(--smoke)
-[ -n "${SMOKE_ROOT:-}" ] && args+=(--root "$SMOKE_ROOT")
-exec "$PY" -m src.pipeline D_domainnet "${args[@]}" "$@"
+exec bash "$(dirname "$0")/../run_experiment.sh" D_domainnet "$@"

@@ -9,11 +9,4 @@
 # Writes: checkpoints/E_resnet20x8/, checkpoints/E_resnet20x8-merged/split0/<method>/, results/E_mudsc_cifar100/
 # SMOKE=1: the same pipeline on tiny random models and synthetic data on a CPU (under
 # checkpoints/smoke/E_mudsc_cifar100, or SMOKE_ROOT); extra arguments go to python -m src.pipeline.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-args=()
-[ -n "${SMOKE:-}" ] && [ "${SMOKE}" != 0 ] && args+=(--smoke)
-[ -n "${SMOKE_ROOT:-}" ] && args+=(--root "$SMOKE_ROOT")
-exec "$PY" -m src.pipeline E_mudsc_cifar100 "${args[@]}" "$@"
+exec bash "$(dirname "$0")/../run_experiment.sh" E_mudsc_cifar100 "$@"

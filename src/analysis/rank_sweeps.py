@@ -759,31 +759,23 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from ..evaluate.models import EvaluationError
-    from ..evaluate.run import EvalConfig
-    from ..finetune.quiet import quiet_known_noise
-    from ..merge.errors import MergeInputError
-    from ..merged_output import MergedOutputError
-    from ..task_checkpoint import TaskCheckpointError
+    from ..evaluate.__main__ import guarded, parse_config
 
-    quiet_known_noise()
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    cfg = (parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes)(cfg)
-    values = vars(cfg)
-    try:
-        config = EvalConfig(**{k: v for k, v in values.items() if k in EvalConfig.__dataclass_fields__})
+    code, parsed = guarded(lambda: parse_config(build_parser(), argv))
+    if code:
+        return code
+    cfg, config = parsed
+
+    def action():
         if cfg.report_only:
-            result = rank_sweep_report(config, cfg.out, metric=config.metric)
-        else:
-            sweep = RankSweepConfig(**{k: v for k, v in values.items() if k in RankSweepConfig.__dataclass_fields__})
-            result = run_rank_sweeps(config, sweep, cfg.out)
-    except (EvaluationError, TaskCheckpointError, MergedOutputError, MergeInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished rows are kept; run again to continue", file=sys.stderr)
-        return 130
+            return rank_sweep_report(config, cfg.out, metric=config.metric)
+        values = vars(cfg)
+        sweep = RankSweepConfig(**{k: v for k, v in values.items() if k in RankSweepConfig.__dataclass_fields__})
+        return run_rank_sweeps(config, sweep, cfg.out)
+
+    code, result = guarded(action)
+    if code:
+        return code
     print(f"rows: {result.rows}")
     for path in result.written:
         print(f"wrote {path}")

@@ -672,30 +672,17 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from ..evaluate.models import EvaluationError
-    from ..evaluate.run import EvalConfig
-    from ..finetune.quiet import quiet_known_noise
-    from ..merge.errors import MergeInputError
-    from ..merged_output import MergedOutputError
-    from ..task_checkpoint import TaskCheckpointError
+    from ..evaluate.__main__ import guarded, parse_config
 
-    quiet_known_noise()
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    cfg = (parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes)(cfg)
-    config = EvalConfig(**{k: v for k, v in vars(cfg).items() if k in EvalConfig.__dataclass_fields__})
+    code, parsed = guarded(lambda: parse_config(build_parser(), argv))
+    if code:
+        return code
+    cfg, config = parsed
     kwargs = dict(setting=cfg.setting, grid_protocol=cfg.grid_protocol, out=cfg.out)
-    try:
-        if cfg.report_only:
-            result = scaling_report(config, None, cfg.sizes, cfg.draws, cfg.seed, **kwargs)
-        else:
-            result = run_scaling(config, None, cfg.sizes, cfg.draws, cfg.seed, **kwargs)
-    except (EvaluationError, TaskCheckpointError, MergedOutputError, MergeInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished rows are kept; run again to continue", file=sys.stderr)
-        return 130
+    action = scaling_report if cfg.report_only else run_scaling
+    code, result = guarded(lambda: action(config, None, cfg.sizes, cfg.draws, cfg.seed, **kwargs))
+    if code:
+        return code
     print(f"rows: {result.rows}")
     for path in result.written:
         print(f"wrote {path}")

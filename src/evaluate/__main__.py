@@ -32,24 +32,46 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+#: what the evaluation commands report as one ``error:`` line (exit 2) instead of a traceback
+EVALUATION_ERRORS = (EvaluationError, TaskCheckpointError, MergedOutputError, MergeInputError, ValueError)
+
+
+def parse_config(parser, argv=None):
+    """``(parsed namespace, EvalConfig)`` of an evaluation command line (also the analyses')."""
     quiet_known_noise()
-    parser = build_parser()
     cfg = parser.parse_args(argv)
     cfg = (parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes)(cfg)
-    config = EvalConfig(**{k: v for k, v in vars(cfg).items() if k in EvalConfig.__dataclass_fields__})
-    from .run import EvaluationRun, write_reports
+    return cfg, EvalConfig(**{k: v for k, v in vars(cfg).items() if k in EvalConfig.__dataclass_fields__})
 
+
+def guarded(action):
+    """``(exit code, action())``: evaluation errors become one ``error:`` line (2), Ctrl-C a note (130)."""
     try:
-        run = EvaluationRun(config)
-        run.run()
-        paths = write_reports(run) if config.report else []
-    except (EvaluationError, TaskCheckpointError, MergedOutputError, MergeInputError, ValueError) as e:
+        return 0, action()
+    except EVALUATION_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     except KeyboardInterrupt:
         print("interrupted: finished rows are kept; run again to continue", file=sys.stderr)
-        return 130
+        return 130, None
+
+
+def main(argv=None) -> int:
+    code, parsed = guarded(lambda: parse_config(build_parser(), argv))
+    if code:
+        return code
+    cfg, config = parsed
+    from .run import EvaluationRun, write_reports
+
+    def evaluate():
+        run = EvaluationRun(config)
+        run.run()
+        return run, (write_reports(run) if config.report else [])
+
+    code, result = guarded(evaluate)
+    if code:
+        return code
+    run, paths = result
     print(f"rows: {run.rows_path} ({len(run.store)})")
     for path in paths:
         print(f"wrote {path}")
