@@ -41,7 +41,7 @@ from ..coefficients import Coefs, all_ones, check_coefficient_params, task_coeff
 from ..registry import MergeMethod, ReductionSpec, TensorGroup, register
 from ..reductions import SignSum, TopKThreshold
 from ..updates import densify
-from ._kernels import TieQuota, _column_chunks, _Trim, _trim_chunk, elected_sign_sum, ties_combine, topk_trim
+from ._kernels import TieQuota, elect_chunks, elected_sign_sum, ties_combine, topk_trim
 
 #: Names of the global reductions in the ``stats`` dict handed to ``merge``.
 THRESHOLDS = "ties_trim_thresholds"
@@ -70,29 +70,12 @@ def elected_entries(x: torch.Tensor, thresholds: Optional[Sequence[float]] = Non
     (whose output is ``sum_i E_i / #{i: E_i != 0}``), chunked the same way; ``fill`` is called
     only where an elected sign is 0 over nonzero values.
     """
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
-    rule = None if thresholds is None else _Trim(x, thresholds, tie_quota)
-    out = torch.empty_like(flat)
-    sign_total = torch.zeros((), dtype=x.dtype, device=x.device)
-    pending = []
-    for start, xc in _column_chunks(flat):
-        stop = start + xc.shape[1]
-        xt = _trim_chunk(xc, None if rule is None else rule.block(start, stop))
-        s = torch.sign(xt.sum(dim=0))
-        out[:, start:stop] = xt * ((xt * s) > 0)
-        sign_total += s.sum()
-        zero = (s == 0).nonzero().squeeze(1)
-        if zero.numel():
-            unresolved = zero[(xt[:, zero] != 0).any(dim=0)]
-            if unresolved.numel():
-                pending.append(unresolved + start)
-    if pending:
-        f = float(torch.sign(sign_total)) if fill is None else float(fill() if callable(fill) else fill)
-        if f != 0:
-            idx = torch.cat(pending)
-            xt = _trim_chunk(flat[:, idx], None if rule is None else rule.at(idx))
-            out[:, idx] = xt * ((xt * f) > 0)
+    out = torch.empty(x.shape[0], x[0].numel(), dtype=x.dtype, device=x.device)
+
+    def emit(cols, xt, s):
+        out[:, cols] = xt * ((xt * s) > 0)
+
+    elect_chunks(x, thresholds, fill, tie_quota, emit)
     return out.reshape(x.shape)
 
 
