@@ -130,21 +130,26 @@ class PermutationRun:
         self.datamodules = [datamodule_of(i, d, config.data) for i, d in zip(self.infos, self.task_dirs)]
         self.output = Path(config.output)
         self._act = None
-        self._warned: set = set()
+        self._loader_cache: dict[tuple[int, int], list] = {}
+        self.networks = [m.model for m in self.modules]  # each task module's own network
         self.last_search: dict[str, Any] = {}  # sweeps and objective of the latest matching
 
     # ----- data -------------------------------------------------------------------------
     def _loaders(self, n: int, offset: int = 0):
+        """Per task, ``n`` seeded training examples after ``offset`` (built once per run: the alpha
+        search resets BatchNorm and scores every grid value on the same examples)."""
         from .data_passes import training_loader
 
-        loaders = [training_loader(dm, n, self.config.seed, self.config.batch_size, offset) for dm in self.datamodules]
-        for info, loader in zip(self.infos, loaders):
-            got = len(loader.dataset)
-            if got < n and (info.task, n, offset) not in self._warned:
-                self._warned.add((info.task, n, offset))
-                print(f"note: {info.task}: its training split has {got} examples left for {n} asked "
-                      f"(after {offset} used for the statistics); using {got}", file=sys.stderr)
-        return loaders
+        key = (n, offset)
+        if key not in self._loader_cache:
+            loaders = [training_loader(dm, n, self.config.seed, self.config.batch_size, offset)
+                       for dm in self.datamodules]
+            for info, loader in zip(self.infos, loaders):
+                if len(loader.dataset) < n:
+                    print(f"note: {info.task}: its training split has {len(loader.dataset)} examples left for {n} "
+                          f"asked (after {offset} used for the statistics); using {len(loader.dataset)}", file=sys.stderr)
+            self._loader_cache[key] = loaders
+        return self._loader_cache[key]
 
     def activation_similarity(self) -> dict[str, torch.Tensor]:
         """Correlations from the cached statistics (computed on first need)."""
@@ -208,10 +213,10 @@ class PermutationRun:
         return module
 
     def _restore(self) -> None:
-        self.modules[0].model.load_state_dict(self.states[0])
-        for i, m in enumerate(self.modules):
-            if i > 0:
-                m.model = self._own[i]
+        """Every task module back on its own network, model 0's network back to its weights."""
+        self.networks[0].load_state_dict(self.states[0])
+        for module, network in zip(self.modules, self.networks):
+            module.model = network
 
     def score(self, state: dict[str, torch.Tensor]) -> float:
         """Mean accuracy of ``state`` on held-out training examples of each task (alpha search)."""
@@ -224,7 +229,6 @@ class PermutationRun:
 
     def run_method(self, method: str) -> dict[str, Any]:
         """Match, merge and reset; returns the record (``state``, ``matches``, ``alpha``, ``search``)."""
-        self._own = [m.model for m in self.modules]
         try:
             if METHODS[method].get("alpha") == "search" and self.config.alpha is None:
                 search = {}

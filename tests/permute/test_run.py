@@ -112,7 +112,33 @@ def test_evaluation_scores_the_merged_networks(pair, merged, tmp_path):
     run = EvaluationRun(config)
     run.run()
     rows = list(run.store)
+    # recomputed here: each task model's head on the zipped network, and one head over both halves' labels
+    from src.finetune.load import load_task_model
+
+    state = load_file(str(root / "merged" / "zipit" / "model.safetensors"))
+    modules = [load_task_model(d) for d in dirs]
+    correct, total = 0, 0
+    heads = torch.cat([m.head_state_dict()["weight"] for m in modules])  # the halves' labels, in task order
+    offset = 0
+    for module, d in zip(modules, dirs):
+        info = read_task_info(d)
+        module.model.load_state_dict(state)
+        dm = DigitsSubsetDataModule(subset=int(info.task.split("-")[1][0]), batch_size=32)
+        dm.setup("test")
+        hits, n = 0, 0
+        with torch.no_grad():
+            for batch in dm.test_dataloader():
+                hits += int((module.logits(batch).argmax(-1) == batch["labels"]).sum())
+                features = torch.nn.functional.normalize(module.model(batch["pixel_values"]), dim=-1)
+                joint_pred = (features @ torch.nn.functional.normalize(heads, dim=-1).T).argmax(-1)
+                correct += int((joint_pred == batch["labels"] + offset).sum())
+                n += len(batch["labels"])
+        row = next(r for r in rows if r["label"] == "zipit" and r["task"] == info.task and r["split"] == "test"
+                   and r["metric"] == "acc")
+        assert row["value"] == pytest.approx(hits / n)
+        offset += len(info.label_names)
+        total += n
     joint = [r for r in rows if r["task"] == "joint" and r["dataset"] == "union" and r["label"] == "zipit"]
-    assert len(joint) == 1 and 0.0 <= joint[0]["value"] <= 1.0
+    assert len(joint) == 1 and joint[0]["value"] == pytest.approx(correct / total)
     report = write_reports(run)[0].read_text()
     assert "MuDSC Table 1 layout" in report and "| zipit |" in report
