@@ -13,11 +13,7 @@
 # Extra arguments go to the evaluation, e.g. the KnOTS paper's full grids:
 #   bash scripts/demo.sh --protocol knots --rows checkpoints/demo-eval-knots/rows.jsonl
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import src.merge, src.finetune, lightning, peft" 2>/dev/null; then
-  bash scripts/setup_env.sh
-fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source "$(dirname "$0")/offline_env.sh"
 .venv/bin/python -m src.finetune.train_all --config configs/finetune/demo.yaml \
   --tasks-file configs/finetune/tasks/demo.yaml --output checkpoints/demo
 .venv/bin/python -m src.evaluate --config configs/evaluate/demo.yaml --print_report true "$@"

@@ -13,11 +13,7 @@
 # Each half has about 540 training images: 256 for the activation statistics, the next 256 score
 # MuDSC's alpha grid. Extra arguments go to the merge step, e.g. --alpha 0.5 --output checkpoints/other
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import src.permute, src.finetune, lightning, sklearn" 2>/dev/null; then
-  bash scripts/setup_env.sh
-fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source "$(dirname "$0")/offline_env.sh"
 .venv/bin/python -m src.finetune.train_all --config configs/finetune/demo_permutation.yaml \
   --tasks-file configs/finetune/tasks/demo_permutation.yaml --output checkpoints/demo_permutation
 .venv/bin/python -m src.permute --tasks '[checkpoints/demo_permutation/digits-0of2, checkpoints/demo_permutation/digits-1of2]' \

@@ -20,6 +20,7 @@ pipeline on tiny random models and synthetic data on a CPU (``smoke.py``), under
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -59,6 +60,13 @@ class Pipeline:
         self.permute_config = REPO / "configs" / "permute" / exp.permute if exp.permute else None
         self.root = Path(root or f"checkpoints/smoke/{exp.name}") if smoke else None
         self.checkpoints = self.root / "tasks" if smoke else Path(exp.checkpoints)
+
+    @functools.cached_property
+    def evaluation(self):
+        """The evaluation config as its command line parses it (read once)."""
+        from ..evaluate.__main__ import build_parser
+
+        return build_parser().parse_args(["--config", str(self.evaluate_config)])
 
     # ----- the tasks --------------------------------------------------------------------
     @property
@@ -142,10 +150,9 @@ class Pipeline:
         return evaluate_main(argv)
 
     def _smoke_evaluate_overrides(self) -> list[str]:
-        from ..evaluate.__main__ import build_parser
         from .smoke import smoke_grid, smoke_methods
 
-        cfg = build_parser().parse_args(["--config", str(self.evaluate_config)])
+        cfg = self.evaluation
         argv = ["--tasks", json.dumps([str(self.checkpoints / t) for t in self.held_in]),
                 "--generalization", json.dumps([str(self.checkpoints / t) for t in self.exp.smoke_generalization]),
                 "--rows", str(self.root / "results" / "rows.jsonl"), "--accelerator", "cpu", "--devices", "1",
@@ -161,9 +168,7 @@ class Pipeline:
     def results_dir(self) -> Path:
         if self.smoke:
             return self.root / "results"
-        from ..evaluate.__main__ import build_parser
-
-        rows = build_parser().parse_args(["--config", str(self.evaluate_config)]).rows
+        rows = self.evaluation.rows
         return Path(str(rows).format(experiment=Path(self.exp.evaluate).stem)).parent
 
     def analyze(self) -> int:
@@ -187,17 +192,14 @@ class Pipeline:
 
     def _merge_methods(self) -> list[dict]:
         """The evaluation config's merge methods, without ``merged`` directories (smoke: shortened)."""
-        from ..evaluate.__main__ import build_parser
         from .smoke import smoke_methods
 
-        cfg = build_parser().parse_args(["--config", str(self.evaluate_config)])
+        cfg = self.evaluation
         methods = smoke_methods(cfg, self.root / "merged") if self.smoke else smoke_methods(cfg, Path("."), shorten=False)
         return [m for m in methods if m["method"] != "merged"]
 
     def _evaluation_tasks(self) -> list[str]:
-        from ..evaluate.__main__ import build_parser
-
-        return list(build_parser().parse_args(["--config", str(self.evaluate_config)]).tasks)
+        return list(self.evaluation.tasks)
 
     def analysis_cost(self, out: Path) -> int:
         """The compositional paper's cost table: FLOPs and measured per-layer merge times, prerequisites."""
