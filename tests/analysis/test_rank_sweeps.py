@@ -25,8 +25,7 @@ from src.evaluate.rows import read_rows
 from src.merge import Sweep
 from src.merge.registry import TensorGroup, get_method
 from src.merge.updates import LowRank, densify
-from tests.evaluate.conftest import (LORA_SCALE, TASKS, datamodule_spec, demo_tasks,  # noqa: F401  (the fixture)
-                                     tiny_bert)
+from tests.evaluate.conftest import TASKS, build_task_checkpoint, demo_tasks  # noqa: F401  (the fixture)
 
 D = torch.float64
 
@@ -243,25 +242,8 @@ KNOTS_LAMS = [0.5, 1.0]
 
 
 def build_lora_checkpoint(root: Path, task: str, seed: int, r: int) -> Path:
-    """tests/evaluate/conftest.py's ``build_task_checkpoint`` with LoRA rank ``r`` (alpha 2r)."""
-    from src.finetune.base import LoraSpec
-    from src.finetune.data.demo import DEMO_TASKS
-    from src.finetune.export import export_task_checkpoint
-    from src.finetune.models.demo_text import DEMO_LORA_TARGETS, DemoTextClassifier
-    from tests.evaluate.conftest import TOKENIZER
-
-    module = DemoTextClassifier(pretrained="tiny-bert", finetune="lora", model_config=tiny_bert(), tokenizer=TOKENIZER,
-                                lora=LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=list(DEMO_LORA_TARGETS)))
-    spec = DEMO_TASKS[task]
-    module.label_names = list(spec.label_names)
-    module.build_model(module.label_names, list(spec.templates))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_" in name:
-                p.copy_(LORA_SCALE * torch.randn(p.shape, generator=g))
-    return export_task_checkpoint(module, root / f"r{r}" / task, task,
-                                  extra_hparams={"datamodule": datamodule_spec(task)})
+    """tests/evaluate/conftest.py's task checkpoint with LoRA rank ``r`` (alpha 2r), under ``root/r<r>``."""
+    return build_task_checkpoint(root / f"r{r}", task, seed, r=r)
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,16 @@ def datamodule_spec(task: str) -> dict:
                           **SIZES}}
 
 
-def build_task_checkpoint(root: Path, task: str, seed: int) -> Path:
-    """A LoRA task checkpoint of ``task``: tiny BERT, label-embedding head, random LoRA factors."""
+def build_task_checkpoint(root: Path, task: str, seed: int, r: int = 4) -> Path:
+    """A LoRA task checkpoint of ``task`` (rank ``r``, alpha ``2r``) at ``root/task``: tiny BERT,
+    label-embedding head, random LoRA factors."""
     from src.finetune.base import LoraSpec
     from src.finetune.data.demo import DEMO_TASKS
     from src.finetune.export import export_task_checkpoint
     from src.finetune.models.demo_text import DEMO_LORA_TARGETS, DemoTextClassifier
 
     module = DemoTextClassifier(pretrained="tiny-bert", finetune="lora", model_config=tiny_bert(), tokenizer=TOKENIZER,
-                                lora=LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=list(DEMO_LORA_TARGETS)))
+                                lora=LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=list(DEMO_LORA_TARGETS)))
     spec = DEMO_TASKS[task]
     module.label_names = list(spec.label_names)
     module.build_model(module.label_names, list(spec.templates))
