@@ -331,3 +331,32 @@ def _size(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):.2f} {unit}"
     return f"{n} bytes"
+
+
+def check_own_file(path, signature: str, hint: str = "choose another output directory") -> None:
+    """Refuse (``OutputError``) an existing ``path`` that does not start with ``signature``: a file a
+    command writes next to its results (a report, a table) replaces only an earlier one of its own.
+    Call it before the work too, so that a refusal costs nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = path.read_text(errors="replace").startswith(signature)
+    except OSError:
+        ours = False
+    if not ours:
+        raise OutputError(path, f"exists and was not written by this command; not replaced ({hint})")
+
+
+def replace_own_file(path, text: str, signature: str, hint: str = "choose another output directory") -> None:
+    """Write ``text`` (which starts with ``signature``) to ``path`` atomically, replacing only an
+    earlier file of ours (:func:`check_own_file`)."""
+    path = Path(path)
+    check_own_file(path, signature, hint)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -63,10 +63,8 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import statistics as stats_mod
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,6 +72,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+
+from ..safe_output import check_own_file, replace_own_file
 
 PAPER = ("Tam et al. 2024, \"Realistic Evaluation of Model Merging for Compositional Generalization\" "
          "(arXiv:2409.18314), App. D")
@@ -463,6 +463,10 @@ def cost_rows(out_f: int, in_f: int, M: int, N: int, measured: dict[str, dict[st
     return rows
 
 
+#: the files the command writes and how each begins (only an earlier file of ours is replaced)
+OUTPUTS = {"cost.md": "# Merge cost per layer", "cost.json": '{\n  "source": '}
+
+
 def render(results: list[dict[str, Any]], prereq: Mapping[str, Prerequisite], settings: dict[str, Any]) -> str:
     lines = ["# Merge cost per layer", "",
              f"FLOP counts (multiply-adds) and the paper's times: {PAPER}, Table 3 and Table 4, **as recorded in this "
@@ -516,25 +520,6 @@ def render(results: list[dict[str, Any]], prereq: Mapping[str, Prerequisite], se
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.analysis.cost", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[PAPER_SHAPE],
@@ -559,10 +544,12 @@ def main(argv=None) -> int:
             raise ValueError("--iterations must be >= 0, --repeats >= 1 and --budget >= 0")
         if args.output.exists() and not args.output.is_dir():
             raise ValueError(f"{args.output}: exists and is not a directory")
+        for name, signature in OUTPUTS.items():  # a file of the user's there is never replaced
+            check_own_file(args.output / name, signature)
         device = torch.device(args.device)
         if args.measure and device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available")
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # OutputError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -581,10 +568,10 @@ def main(argv=None) -> int:
     settings = {"measure": args.measure, "where": where, "repeats": args.repeats, "budget": args.budget,
                 "device": str(device), "seed": args.seed}
     args.output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(args.output / "cost.md", render(results, prereq, settings))
+    replace_own_file(args.output / "cost.md", render(results, prereq, settings), OUTPUTS["cost.md"])
     payload = {"source": PAPER, "settings": {**settings, "torch": torch.__version__}, "layers": results,
                "prerequisites": [dataclasses.asdict(p) for p in prereq.values()]}
-    _write_atomic(args.output / "cost.json", json.dumps(payload, indent=2) + "\n")
+    replace_own_file(args.output / "cost.json", json.dumps(payload, indent=2) + "\n", OUTPUTS["cost.json"])
     print(f"wrote {args.output / 'cost.md'}")
     return 0
 

@@ -670,12 +670,12 @@ def write_report(agg: Mapping[str, Any], out) -> list[Path]:
     """``rank_sweeps.md`` and ``rank_sweeps.png`` in ``out`` (an existing ``rank_sweeps.md`` is
     replaced only when it is one of ours)."""
     from ..evaluate.report import _save_png
-    from ..evaluate.run import _replace_own
+    from ..safe_output import replace_own_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "rank_sweeps.md"
-    _replace_own(md, render_markdown(agg), f"# {agg['experiment']}: rank sweeps")
+    replace_own_file(md, render_markdown(agg), f"# {agg['experiment']}: rank sweeps")
     return [md, _save_png(render_figure(agg), out / "rank_sweeps.png")]
 
 

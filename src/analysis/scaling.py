@@ -496,12 +496,12 @@ def plot_scaling(agg: Mapping[str, Any], path, experiment: str = "") -> Path:
 def write_scaling_report(agg: Mapping[str, Any], out, experiment: str, subsets=None, settings=None) -> list[Path]:
     """``scaling.md`` and ``scaling.png`` in ``out`` (an existing ``scaling.md`` is replaced only
     when it is one of ours)."""
-    from ..evaluate.run import _replace_own
+    from ..safe_output import replace_own_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "scaling.md"
-    _replace_own(md, render_scaling_report(agg, experiment, subsets, settings),
+    replace_own_file(md, render_scaling_report(agg, experiment, subsets, settings),
                  f"# {experiment}: scaling with the number of merged models")
     return [md, plot_scaling(agg, out / "scaling.png", experiment)]
 

@@ -280,11 +280,12 @@ class _SeededStore(RowStore):
 
 def _job_run(config, job: JobSpec, seeds: list[str]):
     """An :class:`EvaluationRun` writing to ``job.part``, everything else where the run puts it."""
-    from .run import EvaluationRun, _replace_own
+    from ..safe_output import replace_own_file
+    from .run import EvaluationRun
 
     class PartRun(EvaluationRun):
         def write_timing(self) -> None:  # collected into timing.json by ``collect``
-            _replace_own(Path(job.timing), json.dumps({"job": job.name, "timing": self.timing}) + "\n",
+            replace_own_file(Path(job.timing), json.dumps({"job": job.name, "timing": self.timing}) + "\n",
                          '{"job": ')
 
     run = PartRun(config)  # its rows_path stays the run's: coefficients/ land where in-process runs put them

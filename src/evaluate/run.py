@@ -35,7 +35,7 @@ from .loop import Evaluator, dataset_size, split_loader
 from .models import EvaluationError, ModelBank, datamodule_of
 from ..merged_output import read_merge_info
 from .protocols import restrict, search_for
-from ..safe_output import note
+from ..safe_output import note, replace_own_file
 from ..task_checkpoint import read_task_info
 from ..task_statistics import statistics_tag
 from .rows import RowStore, make_row
@@ -369,8 +369,8 @@ class EvaluationRun:
         for s in summary.values():
             s["merge_apply_fraction"] = s["merge_apply_s"] / max(s["evaluate_s"], 1e-9)
         path = self.rows_path.parent / "timing.json"
-        _replace_own(path, json.dumps({"grid_splits": self.config.grid_splits, "per_method": summary}, indent=2) + "\n",
-                     '{\n  "grid_splits"')
+        replace_own_file(path, json.dumps({"grid_splits": self.config.grid_splits, "per_method": summary}, indent=2) + "\n",
+                         '{\n  "grid_splits"', hint="choose another --rows directory")
 
     def references(self) -> None:
         tasks = self.all_tasks
@@ -672,20 +672,6 @@ def run_evaluation(config: EvalConfig) -> list[dict[str, Any]]:
     return EvaluationRun(config).run()
 
 
-def _replace_own(path: Path, text: str, signature: str) -> None:
-    """Write ``text`` to ``path`` atomically, replacing only an earlier file of ours (it starts with
-    ``signature``): a file of the user's that happens to sit next to the rows is never overwritten."""
-    if path.exists():
-        try:
-            ours = path.read_text(errors="replace").startswith(signature)
-        except OSError:
-            ours = False
-        if not ours:
-            raise ValueError(f"{path}: exists and was not written by an evaluation run of this experiment; "
-                             "not replaced (choose another --rows directory)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_reports(run: EvaluationRun) -> list[Path]:
@@ -710,7 +696,8 @@ def write_reports(run: EvaluationRun) -> list[Path]:
     if any(r.get("task") == "joint" for r in rows):
         parts += ["## Joint benchmark: Hits@k (%) over the union of the labels\n", render_table(rows, "joint", params="none")]
     report = out / "report.md"
-    _replace_own(report, "\n".join(parts), f"# {run.config.experiment}: test results")
+    replace_own_file(report, "\n".join(parts), f"# {run.config.experiment}: test results",
+                     hint="choose another --rows directory")
     written = [report]
     if any(r.get("stage") == "grid" and r.get("method") != "finetuned" for r in rows):
         held = [metric[t] for t in run.held_in]

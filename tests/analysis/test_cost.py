@@ -328,3 +328,15 @@ def test_module_entry_point(tmp_path, monkeypatch):
         runpy.run_module("src.analysis.cost", run_name="__main__", alter_sys=False)
     assert e.value.code == 0
     assert "| `regmean` |" in (tmp_path / "cost.md").read_text()
+
+
+def test_cli_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    from src.analysis.cost import main
+
+    (tmp_path / "cost.md").write_text("my notes\n")
+    assert main(["--output", str(tmp_path), "--measure", "false"]) == 2
+    assert "cost.md" in capsys.readouterr().err and (tmp_path / "cost.md").read_text() == "my notes\n"
+    assert not (tmp_path / "cost.json").exists()
+    (tmp_path / "cost.md").unlink()
+    assert main(["--output", str(tmp_path), "--measure", "false"]) == 0
+    assert main(["--output", str(tmp_path), "--measure", "false"]) == 0  # its own files are replaced
