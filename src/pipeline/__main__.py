@@ -92,13 +92,12 @@ class Pipeline:
         return train_all(argv)
 
     def _smoke_finetune_overrides(self) -> list[str]:
-        from .smoke import SMOKE_LR, TINY_DATA, TINY_MODELS, TRAINER, WRITERS, tiny_overrides
+        from .smoke import SMOKE_LR, TINY_DATA, TINY_MODELS, TRAINER, WRITERS, smoke_data_root, tiny_overrides
         from ..finetune.train_all import read_tasks_file
 
         cfg = yaml.safe_load(self.finetune_config.read_text())
         model_cp, data_cp = cfg["model"]["class_path"], cfg["data"]["class_path"]
-        data_root = self.root / "data"
-        data_root.mkdir(parents=True, exist_ok=True)
+        data_root = smoke_data_root(self.root)
         table = read_tasks_file(self.tasks_file)
         for name in self.trained:
             WRITERS[data_cp](data_root, _task_data_args(cfg, table.get(name, {}), name))
@@ -237,7 +236,11 @@ class Pipeline:
     def run(self, stages=STAGES) -> int:
         for stage in stages:
             print(f"== {self.exp.name}: {stage}{' (smoke)' if self.smoke else ''}", file=sys.stderr)
-            code = getattr(self, stage)()
+            try:
+                code = getattr(self, stage)()
+            except ValueError as e:  # OutputError and the stages' input errors: one line, as the stages print them
+                print(f"error: {e}", file=sys.stderr)
+                code = 2
             if code:
                 print(f"== {self.exp.name}: {stage} failed (exit {code}); fix it and run again: "
                       "finished work is kept", file=sys.stderr)

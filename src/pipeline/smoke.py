@@ -107,6 +107,22 @@ def _has(module: str) -> bool:
 
 
 # ----- synthetic data in each DataModule's local format ---------------------------------------------
+SMOKE_DATA_MARKER = ".smoke-data"
+
+
+def smoke_data_root(root: Path) -> Path:
+    """``root/data``, created with a marker; refused when it exists without the marker (a real
+    dataset directory there must never get synthetic images or list lines added to it)."""
+    data = Path(root) / "data"
+    if data.exists() and not (data / SMOKE_DATA_MARKER).is_file() and any(data.iterdir()):
+        from ..safe_output import OutputError
+
+        raise OutputError(data, "exists and holds data that smoke mode did not write; choose another --root")
+    data.mkdir(parents=True, exist_ok=True)
+    (data / SMOKE_DATA_MARKER).write_text("synthetic data of python -m src.pipeline --smoke\n")
+    return data
+
+
 def _images(n: int, labels: list[int], seed: int, size: int = IMAGE_SIZE):
     import numpy as np
     from PIL import Image

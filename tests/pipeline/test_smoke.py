@@ -58,3 +58,15 @@ def test_experiment_script_smoke(script, tmp_path):
         assert again.returncode == 0, again.stderr[-3000:]
         assert (root / "tasks" / exp.smoke_tasks[0] / "model.safetensors").stat().st_mtime_ns == stamp
         assert len((root / "results" / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_smoke_never_writes_into_a_real_data_directory(tmp_path, capsys):
+    from src.pipeline.__main__ import main
+
+    real = tmp_path / "root" / "data" / "mnist"
+    real.mkdir(parents=True)
+    (real / "train.csv").write_text("real data\n")
+    assert main(["A_knots_vitb32", "--smoke", "--root", str(tmp_path / "root"), "--stages", "finetune"]) == 2
+    assert "smoke mode did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in real.iterdir()) == ["train.csv"]
+    assert not (tmp_path / "root" / "tasks").exists()
