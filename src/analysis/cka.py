@@ -501,7 +501,8 @@ def cka_analysis(tasks: Sequence[Union[str, Path]], kinds: Union[str, Sequence[s
 
     from ..evaluate.loop import split_loader
     from ..evaluate.models import ModelBank, datamodule_of
-    from ..statistics.collect import _quiet_lightning, linear_layers, subset_indices
+    from ..finetune.quiet import quiet_lightning_info
+    from ..statistics.collect import linear_layers, subset_indices
 
     kinds = _check_kinds(kinds)
     task_dirs = [Path(t) for t in tasks]
@@ -572,7 +573,7 @@ def cka_analysis(tasks: Sequence[Union[str, Path]], kinds: Union[str, Sequence[s
 
     pass_ = _make_pass_module(bank.modules, names, {m: k for k, m in hooked_layers.items() if k in plans}, plans,
                               samples)
-    _quiet_lightning()
+    quiet_lightning_info()
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress, inference_mode=False)
     try:

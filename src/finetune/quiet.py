@@ -71,3 +71,11 @@ def quiet_known_noise() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" on every from_pretrained
     # transformers' own logged warnings stay on: none is known noise here, and some (weights
     # not used / newly initialized) tell the user that a model is not what they think
+
+
+def quiet_lightning_info() -> None:
+    """Lightning's per-run INFO lines (GPU available, TPU...) off, for short internal loops (data passes)."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)

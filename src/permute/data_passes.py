@@ -27,9 +27,9 @@ from .spec import PermutationSpec
 
 
 def _trainer(accelerator: str = "auto", progress: bool = False) -> L.Trainer:
-    from ..statistics.collect import _quiet_lightning
+    from ..finetune.quiet import quiet_lightning_info
 
-    _quiet_lightning()
+    quiet_lightning_info()
     return L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress, inference_mode=False)
 

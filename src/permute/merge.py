@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .solvers import Match
-from .spec import PermutationSpec
+from .spec import PermutationSpec, permute_state
 
 
 def merge_states(spec: PermutationSpec, matches: Mapping[str, Match],
@@ -52,8 +52,6 @@ def aligned_states(spec: PermutationSpec, matches: Mapping[str, Match],
                    states: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """Each model's state permuted into model 0's unit order (alignments only): averaging these
     gives :func:`merge_states`."""
-    from .spec import permute_state
-
     missing = [p for p, m in matches.items() if m.permutations is None]
     if missing:
         raise ValueError(f"perms {missing[:3]} were zipped, not aligned: there are no aligned task models to write")

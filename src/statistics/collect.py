@@ -78,6 +78,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 from torch import nn
 
+from ..finetune.quiet import quiet_lightning_info
+
 from ..task_statistics import (KINDS, STATISTICS_JSON, StatisticsError, kind_path, read_statistics_info,
                                statistics_dir, statistics_tag)
 
@@ -598,13 +600,6 @@ class StatisticsCollector(L.LightningModule):
                           tied=list(self.tied), wall_s=time.perf_counter() - self._start)
 
 
-def _quiet_lightning() -> None:
-    import logging
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def compute_statistics(task_module, dataset, collate_fn: Callable, kinds: Sequence[str] = KINDS, batch_size: int = 8,
                        accelerator: str = "auto", devices: Any = 1, strategy: Any = "auto", num_workers: int = 0,
                        progress: bool = True, description: str = "statistics",
@@ -619,7 +614,7 @@ def compute_statistics(task_module, dataset, collate_fn: Callable, kinds: Sequen
     collector = StatisticsCollector(task_module, kinds, dataset, collate_fn, batch_size, num_workers=num_workers,
                                     on_result=on_result, max_features=max_features, layers=layers)
     modes = {m: m.training for m in task_module.modules()}  # the pass runs in eval mode; restored after
-    _quiet_lightning()
+    quiet_lightning_info()
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, callbacks=[_Bar(description)] if progress else None,
